@@ -1,0 +1,34 @@
+"""Per-forward state shared by every injected module of one model.
+
+The top-level forward records the padding mask and the active task here; a pre-hook on each layer records that
+layer's input. Gates read from it, so no HF forward signature has to change.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ForwardState:
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.mask: torch.Tensor | None = None  # (B, T) float, 1 for real tokens
+        self.has_padding: bool = False
+        self.layer_inputs: dict[int, torch.Tensor] = {}
+        self.cache: dict = {}
+
+    def begin(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.layer_inputs = {}
+        self.cache = {}
+        if attention_mask is None:
+            self.mask, self.has_padding = None, False
+        else:
+            self.mask = attention_mask.to(dtype)
+            self.has_padding = bool((attention_mask == 0).any())
+
+    def key_mask(self, prefix_len: int) -> torch.Tensor | None:
+        """Boolean SDPA mask (B, 1, 1, P + T) that lets every query see the prefix and the real tokens."""
+        if not self.has_padding:
+            return None
+        keep = self.mask > 0
+        prefix = keep.new_ones(keep.shape[0], prefix_len)
+        return torch.cat([prefix, keep], dim=1)[:, None, None, :]
