@@ -39,6 +39,12 @@ def load_encoder(name_or_path: str = "minilm", num_layers: int | None = None, dt
         kwargs["num_hidden_layers"] = num_layers
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from transformers.utils import logging as hf_logging
+
+    quiet = num_layers is not None  # dropping layers makes the unused weights "unexpected": expected here
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
     try:
         return AutoModel.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -48,6 +54,8 @@ def load_encoder(name_or_path: str = "minilm", num_layers: int | None = None, dt
             + (" (HF_HUB_OFFLINE=1: only local directories and the embedded 'minilm' work)" if offline else "")
             + f": {err}"
         ) from err
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(name_or_path: str = "minilm"):

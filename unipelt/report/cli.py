@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
                    help="gated combination of the headline table and gate heatmaps (default: %(default)s)")
     p.add_argument("--singles", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
                    default=list(A.SINGLE_METHODS),
-                   help="single methods for the headline baselines (default: %(default)s)")
+                   help="comma-separated single methods for the headline baselines "
+                        f"(default: {','.join(A.SINGLE_METHODS)})")
     p.add_argument("--formats", type=_formats, default=list(T.FORMATS),
                    help="table formats, comma separated from md,tex,csv (default: md,tex,csv)")
     p.add_argument("--efficiency-k", type=_k, default=None,

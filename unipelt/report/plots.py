@@ -79,7 +79,8 @@ def _draw_score_vs_k(series: Series, title: str) -> Figure:
     ax = fig.add_subplot()
     for name, (xs, ys, ss) in series.items():
         y, s = np.asarray(ys), np.asarray(ss)
-        (line,) = ax.plot(xs, y, marker="o", label=name)
+        dashed = name.split(" ")[0].endswith("_nogate")  # fixed-gate twins drawn dashed
+        (line,) = ax.plot(xs, y, marker="o", linestyle="--" if dashed else "-", label=name)
         ax.fill_between(xs, y - s, y + s, color=line.get_color(), alpha=0.15, linewidth=0)
     ks = sorted({k for xs, _, _ in series.values() for k in xs})
     ax.set_xscale("log")
@@ -173,7 +174,7 @@ def _draw_gates(task: str, d: dict[str, Any]) -> Figure:
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if in_unit and v > 0.6 else "white")
-    ax.set_title(f"{d['method']} on {task_label(task)}: mean gate per layer ({d['n_runs']} runs)")
+    ax.set_title(f"{d['method']} on {task_label(task)}: mean gate per layer ({d['n_runs']} runs, all K)")
     return fig
 
 

@@ -1,0 +1,1 @@
+"""Training: batching, the loop with early stopping, checkpoints, run records."""

@@ -1,0 +1,251 @@
+"""The training loop: AdamW + linear warm-up/decay, one dev evaluation per epoch, early stopping on the task's
+model-selection metric, the best trainable state kept, resumable from the last completed epoch."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import TaskSpec
+from ..metrics import compute_metrics, main_score
+from ..model import PeltModel
+from .batching import Encoded, batches, epoch_order, eval_batches
+from .checkpoint import Checkpointer
+
+log = logging.getLogger("unipelt.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; `step` is the first bad optimizer step (1-based)."""
+
+    def __init__(self, step: int, epoch: int) -> None:
+        super().__init__(f"loss is not finite (NaN/inf) at step {step} (epoch {epoch}); the run is marked failed")
+        self.step, self.epoch = step, epoch
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 50
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    patience: int = 10
+    seed: int = 42
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    bucket: bool = False  # length-bucketed training batches (less padding)
+    max_steps: int | None = None  # stop after this many steps in total (smoke tests)
+    check_every: int = 25  # steps between NaN checks (each check is one host sync)
+    inject_nan_at_step: int | None = None  # fault injection for tests: the loss becomes NaN at this step
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "check_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision {self.mixed_precision!r} is not one of: no, bf16, fp16")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    dev_metrics: dict
+    history: list = field(default_factory=list)
+    train_s: float = 0.0
+    train_step_s: float = 0.0
+    train_epoch_s: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+class Trainer:
+    def __init__(self, model: PeltModel, spec: TaskSpec, train: Encoded, dev: Encoded, settings: TrainSettings,
+                 pad_id: int, run_dir, accelerator=None, progress: bool = True) -> None:
+        from accelerate import Accelerator
+
+        self.raw = model
+        self.spec = spec
+        self.train_data, self.dev_data = train, dev
+        self.settings = settings
+        self.pad_id = pad_id
+        self.run_dir = run_dir
+        self.accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
+        self.progress = progress
+        self.checkpoints = Checkpointer(run_dir / "checkpoint")
+        self.best_state: dict | None = None
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return self.raw.trainable_named_parameters()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self._trainable().items()}
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self._trainable().items():
+                p.copy_(tensors[k].to(p.device, p.dtype))
+
+    def _build_optimizer(self, steps_per_epoch: int):
+        from transformers import get_linear_schedule_with_warmup
+
+        s = self.settings
+        params = list(self._trainable().values())
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        total = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total), max(total, 1))
+        return optimizer, scheduler
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, data: Encoded, gate_stats: bool = False):
+        """Predictions in the original order (and mean gate value per layer per submodule if asked)."""
+        model = self.raw
+        model.eval()
+        device = self.accelerator.device
+        outputs = torch.empty(len(data), model.active.head.num_labels)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in eval_batches(data, self.settings.eval_batch_size, self.pad_id):
+            index = batch.pop("index")
+            batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with self.accelerator.autocast():
+                logits = model(**batch).logits
+            outputs[index] = logits.float().cpu()
+            if gate_stats:
+                for name, per_layer in model.gate_values().items():
+                    total = torch.stack([g.float().sum() for g in per_layer]).cpu()
+                    sums[name] = sums.get(name, 0) + total
+        preds = outputs.squeeze(-1).numpy() if self.spec.is_regression else outputs.argmax(-1).numpy()
+        gates = {name: (s / len(data)).tolist() for name, s in sums.items()}
+        return preds, gates
+
+    def evaluate(self, data: Encoded, split: str | None = None, gate_stats: bool = False):
+        preds, gates = self.predict(data, gate_stats)
+        metrics = compute_metrics(self.spec, preds, data.labels.numpy(), split=split)
+        return metrics, gates
+
+    # --- training -------------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        s = self.settings
+        acc = self.accelerator
+        shard = (acc.process_index, acc.num_processes)
+        n_local = len(epoch_order(len(self.train_data), s.seed, 0, shard))
+        steps_per_epoch = math.ceil(n_local / s.batch_size)
+        optimizer, scheduler = self._build_optimizer(steps_per_epoch)
+        model = acc.prepare_model(self.raw) if acc.num_processes > 1 else self.raw.to(acc.device)
+        progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_time": 0.0,
+                    "dev_metrics": {}}
+        start_epoch = 1
+        if self.checkpoints.exists():
+            state = self.checkpoints.load()
+            self.load_trainable(state["trainable"])
+            optimizer.load_state_dict(state["optimizer_state"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.best_state = state["best"]
+            progress = {k: state[k] for k in progress}
+            start_epoch = state["epoch"] + 1
+            log.info("resuming %s from epoch %d (step %d)", self.run_dir.name, state["epoch"], progress["step"])
+        resumed_from = start_epoch - 1
+        bar = tqdm(range(start_epoch, s.epochs + 1), desc=self.run_dir.name, disable=not self.progress, leave=False,
+                   initial=start_epoch - 1, total=s.epochs)
+        for epoch in bar:
+            if self._done(progress):
+                break
+            t0 = time.perf_counter()
+            loss_sum = self._train_epoch(model, optimizer, scheduler, epoch, shard, progress)
+            epoch_time = time.perf_counter() - t0
+            progress["train_time"] += epoch_time
+            dev_metrics, _ = self.evaluate(self.dev_data)
+            score = main_score(self.spec, dev_metrics)
+            improved = progress["best_score"] is None or score > progress["best_score"]
+            if improved:
+                progress.update(best_score=score, best_epoch=epoch, bad_epochs=0, dev_metrics=dev_metrics)
+                self.best_state = self._snapshot()
+            else:
+                progress["bad_epochs"] += 1
+            row = {"epoch": epoch, "step": progress["step"], "train_loss": loss_sum, "dev_score": score,
+                   "lr": scheduler.get_last_lr()[0], "epoch_s": round(epoch_time, 3)}
+            progress["history"].append(row)
+            self.checkpoints.save(epoch, self._snapshot(), self.best_state if improved else None, optimizer, scheduler,
+                                  progress)
+            self._log_row(row)  # after the checkpoint: a resumed run never logs an epoch twice
+            bar.set_postfix(loss=f"{loss_sum:.4f}", dev=f"{score:.4f}", best=f"{progress['best_score']:.4f}")
+            log.info("epoch %d step %d loss %.4f dev %s %.4f%s", epoch, progress["step"], loss_sum,
+                     self.spec.main_metric, score, " (best)" if improved else "")
+        bar.close()
+        if self.best_state is not None:
+            self.load_trainable(self.best_state)
+        epochs_run = len(progress["history"])
+        return FitResult(
+            best_epoch=progress["best_epoch"], epochs_run=epochs_run, steps=progress["step"],
+            dev_metrics=progress["dev_metrics"], history=progress["history"], train_s=progress["train_time"],
+            train_step_s=progress["train_time"] / max(progress["step"], 1),
+            train_epoch_s=progress["train_time"] / max(epochs_run, 1), resumed_from_epoch=resumed_from,
+        )
+
+    def _done(self, progress: dict) -> bool:
+        s = self.settings
+        if progress["bad_epochs"] >= s.patience:
+            return True
+        return s.max_steps is not None and progress["step"] >= s.max_steps
+
+    def _train_epoch(self, model, optimizer, scheduler, epoch: int, shard, progress: dict) -> float:
+        s, acc = self.settings, self.accelerator
+        model.train()
+        torch.manual_seed(s.seed * 1_000_003 + epoch)  # dropout stream: a function of (seed, epoch) for resume
+        order = epoch_order(len(self.train_data), s.seed, epoch, shard)
+        device = acc.device
+        running = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        n = 0
+        for batch in batches(self.train_data, order, s.batch_size, self.pad_id, bucket=s.bucket):
+            if s.max_steps is not None and progress["step"] >= s.max_steps:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with acc.autocast():
+                loss = model(**batch).loss
+            progress["step"] += 1
+            if s.inject_nan_at_step is not None and progress["step"] >= s.inject_nan_at_step:
+                loss = loss * float("nan")
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, progress["step"]), first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            running += loss.detach().float()
+            n += 1
+            if progress["step"] % s.check_every == 0:
+                self._check_finite(first_bad, epoch)
+        self._check_finite(first_bad, epoch)
+        return (running / max(n, 1)).item()
+
+    @staticmethod
+    def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
+        step = int(first_bad.item())
+        if step >= 0:
+            raise TrainingDiverged(step, epoch)
+
+    def _log_row(self, row: dict) -> None:
+        path = self.run_dir / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
