@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The main job: SST-2, K=100, four methods on the embedded MiniLM (a few minutes on 2 CPU cores), then the table.
 demo: install
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/unipelt experiment=demo output.progress=false
+	$(VENV)/bin/unipelt-report runs/demo --out reports/demo --expected-seeds 1 --no-plots
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,16 +29,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_encoder(name_or_path: str = "minilm", num_layers: int | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """A pretrained encoder (AutoModel). `num_layers` keeps only the first layers (fast tests)."""
+def load_encoder(name_or_path: str = "minilm", num_layers: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A pretrained encoder (AutoModel), in float32 unless `dtype` says otherwise (checkpoints stored in bf16 are
+    upcast). `num_layers` keeps only the first layers (fast tests)."""
     from transformers import AutoModel
 
     path = resolve_model_path(name_or_path)
     kwargs = {}
     if num_layers is not None:
         kwargs["num_hidden_layers"] = num_layers
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs["dtype"] = dtype
     from transformers.utils import logging as hf_logging
 
     quiet = num_layers is not None  # dropping layers makes the unused weights "unexpected": expected here

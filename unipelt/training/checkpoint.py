@@ -1,8 +1,12 @@
 """Resumable training state, crash-safe: tensors in epoch-named safetensors files, then `state.json` last.
 
-`state.json` is replaced atomically and only ever names files that were fully written before it, so a run
-killed at any instant resumes from the last completed epoch. Optimizer state is flattened into safetensors
-(never pickled).
+`state.json` is replaced atomically and only ever names files that were fully written (and flushed) before it,
+so a run killed at any instant resumes from the last completed epoch. Optimizer state is flattened into
+safetensors (never pickled). `state.json` also holds the result-relevant part of the run's config, so a
+checkpoint is never resumed under different settings.
+
+No RNG state is stored: the data order and the dropout stream of every epoch are functions of (train seed,
+epoch), re-seeded at each epoch start (see trainer.py), so a resumed run continues bit-identically.
 """
 from __future__ import annotations
 
@@ -13,8 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_write_bytes, atomic_write_json
+from .record import config_diff
 
 STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (unreadable, or written under a different config)."""
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -43,8 +53,12 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path) -> None:
+    """`config`: the run's resolved config; saved with each checkpoint and checked (result-relevant keys only,
+    see record.result_config) before one is resumed."""
+
+    def __init__(self, folder: Path, config: dict | None = None) -> None:
         self.folder = Path(folder)
+        self.config = config
 
     def exists(self) -> bool:
         return (self.folder / STATE_FILE).is_file()
@@ -57,13 +71,13 @@ class Checkpointer:
         save_tensors(self.folder / names["optimizer"], opt_tensors)
         if best is not None:
             names["best"] = f"best-e{progress['best_epoch']}.safetensors"
-            if not (self.folder / names["best"]).exists():
-                save_tensors(self.folder / names["best"], best)
+            save_tensors(self.folder / names["best"], best)
         elif self.exists():
             previous = self.load_state().get("files", {}).get("best")
             if previous:
                 names["best"] = previous
-        state = {"epoch": epoch, "files": names, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **progress}
+        state = {"state_version": STATE_VERSION, "epoch": epoch, "files": names, "optimizer": opt_meta,
+                 "scheduler": scheduler.state_dict(), **progress, "config": self.config}
         atomic_write_json(self.folder / STATE_FILE, state)
         keep = set(names.values()) | {STATE_FILE}
         for path in self.folder.iterdir():
@@ -71,15 +85,46 @@ class Checkpointer:
                 path.unlink(missing_ok=True)
 
     def load_state(self) -> dict:
-        return json.loads((self.folder / STATE_FILE).read_text())
+        path = self.folder / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({err}); {self.remedy}") from err
+        if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "epoch" not in state:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a unipelt training state; {self.remedy}")
+        return state
+
+    @property
+    def remedy(self) -> str:
+        return f"delete {str(self.folder)!r} or set output.force=true to start the run over"
+
+    def check_config(self, state: dict | None = None) -> None:
+        """Raise CheckpointError when the checkpoint was written under different result-relevant settings."""
+        state = self.load_state() if state is None else state
+        saved = state.get("config")
+        if saved is None or self.config is None:
+            return
+        diffs = config_diff(saved, self.config)
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint in {str(self.folder)!r} (epoch {state['epoch']}) was written by a run with different "
+                f"settings ({'; '.join(diffs)}); resuming would mix the two. Re-run with the original settings to "
+                f"resume, set output.force=true to start over, or output.tag=<name> to keep both runs apart"
+            )
 
     def load(self) -> dict:
         """state.json plus the tensors it names: trainable, optimizer (a state_dict), best (or None)."""
         state = self.load_state()
+        self.check_config(state)
         files = state["files"]
-        state["trainable"] = load_file(str(self.folder / files["trainable"]))
-        state["optimizer_state"] = unflatten_optimizer(load_file(str(self.folder / files["optimizer"])), state["optimizer"])
-        state["best"] = load_file(str(self.folder / files["best"])) if "best" in files else None
+        try:
+            state["trainable"] = load_file(str(self.folder / files["trainable"]))
+            opt = load_file(str(self.folder / files["optimizer"]))
+            state["optimizer_state"] = unflatten_optimizer(opt, state["optimizer"])
+            state["best"] = load_file(str(self.folder / files["best"])) if "best" in files else None
+        except Exception as err:  # missing/truncated files: safetensors raises several error types
+            raise CheckpointError(f"checkpoint in {str(self.folder)!r} is damaged ({type(err).__name__}: {err}); "
+                                  f"{self.remedy}") from err
         return state
 
     def clear(self) -> None:

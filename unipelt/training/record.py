@@ -27,6 +27,44 @@ def run_id(task: str, method: str, k, data_seed: int, seed: int, model: str, tag
     return "-".join(parts)
 
 
+# Config keys that never change a run's result: where things are written or read from, speed knobs, fault
+# injection. Everything else in the resolved config must match for a run to be resumed or skipped.
+NON_RESULT_KEYS = ("output", "runtime", "hydra", "data.dir", "model.path", "train.check_every",
+                   "train.inject_nan_at_step", "train.eval_batch_size")
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        if not data and prefix:
+            out[prefix[:-1]] = {}
+    else:
+        out[prefix[:-1]] = data
+    return out
+
+
+def result_config(config: dict) -> dict:
+    """The flattened (dotted keys) part of a resolved config that determines a run's result."""
+    flat = _flatten(config or {})
+    return {k: v for k, v in flat.items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in NON_RESULT_KEYS)}
+
+
+def config_diff(old: dict, new: dict, limit: int = 6) -> list[str]:
+    """`key: old -> new` for every result-relevant setting that differs between two resolved configs (a key
+    missing on one side counts as equal when the other side is null, so added options with null defaults do
+    not invalidate older runs)."""
+    a, b = result_config(old), result_config(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if va != vb:
+            diffs.append(f"{key}: {'(absent)' if key not in a else repr(va)} -> {'(absent)' if key not in b else repr(vb)}")
+    return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
 def read_record(path: Path) -> dict | None:
     try:
         return json.loads(Path(path).read_text())
@@ -44,8 +82,9 @@ def write_record(path: Path, record: dict) -> None:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("unipelt", "transformers", "accelerate", "datasets", "hydra-core", "safetensors"):
+    out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    for pkg in ("unipelt", "transformers", "accelerate", "datasets", "hydra-core", "safetensors", "numpy", "scipy",
+                "scikit-learn", "tokenizers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

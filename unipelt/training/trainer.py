@@ -3,10 +3,11 @@ model-selection metric, the best trainable state kept, resumable from the last c
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from ..data import TaskSpec
 from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order, eval_batches
+from ..io import atomic_write_text
 from .checkpoint import Checkpointer
 
 log = logging.getLogger("unipelt.train")
@@ -49,14 +51,35 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision {self.mixed_precision!r} is not one of: no, bf16, fp16")
-        if not 0 <= self.warmup_ratio < 1:
+        if not (_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            raise ValueError(f"train.weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if not isinstance(self.bucket, bool):
+            raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
+        for name in ("max_steps", "inject_nan_at_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"train.{name} must be a positive integer or null, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainSettings":
+        """Build from the `train` config section; unknown keys are an error naming the allowed ones."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown train option(s) {unknown}; allowed: {', '.join(allowed)}")
+        return cls(**data)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -74,7 +97,9 @@ class FitResult:
 
 class Trainer:
     def __init__(self, model: PeltModel, spec: TaskSpec, train: Encoded, dev: Encoded, settings: TrainSettings,
-                 pad_id: int, run_dir, accelerator=None, progress: bool = True) -> None:
+                 pad_id: int, run_dir, accelerator=None, progress: bool = True, config: dict | None = None) -> None:
+        """`config`: the run's resolved config, stored in each checkpoint; a checkpoint written under other
+        result-relevant settings is refused rather than resumed (see checkpoint.Checkpointer)."""
         from accelerate import Accelerator
 
         self.raw = model
@@ -85,8 +110,10 @@ class Trainer:
         self.run_dir = run_dir
         self.accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
         self.progress = progress
-        self.checkpoints = Checkpointer(run_dir / "checkpoint")
+        self.checkpoints = Checkpointer(run_dir / "checkpoint", config)
         self.best_state: dict | None = None
+        # Live training state (read by the runner to describe a failure): step, epoch, history, ...
+        self.state: dict = {"step": 0, "epoch": 0, "history": [], "resumed_from_epoch": 0}
 
     # --- helpers --------------------------------------------------------------------------------------------
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -150,22 +177,30 @@ class Trainer:
         model = acc.prepare_model(self.raw) if acc.num_processes > 1 else self.raw.to(acc.device)
         progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_time": 0.0,
                     "dev_metrics": {}}
+        self.state = progress
         start_epoch = 1
-        if self.checkpoints.exists():
+        if not self.checkpoints.exists():
+            (self.run_dir / "log.csv").unlink(missing_ok=True)  # left by an earlier attempt that was discarded
+        else:
             state = self.checkpoints.load()
             self.load_trainable(state["trainable"])
             optimizer.load_state_dict(state["optimizer_state"])
             scheduler.load_state_dict(state["scheduler"])
             self.best_state = state["best"]
             progress = {k: state[k] for k in progress}
+            self.state = progress
             start_epoch = state["epoch"] + 1
             log.info("resuming %s from epoch %d (step %d)", self.run_dir.name, state["epoch"], progress["step"])
+            self._write_log(progress["history"])  # the log matches the checkpoint: no epoch lost or repeated
         resumed_from = start_epoch - 1
+        progress["resumed_from_epoch"] = resumed_from
+        progress["epoch"] = resumed_from
         bar = tqdm(range(start_epoch, s.epochs + 1), desc=self.run_dir.name, disable=not self.progress, leave=False,
                    initial=start_epoch - 1, total=s.epochs)
         for epoch in bar:
             if self._done(progress):
                 break
+            progress["epoch"] = epoch
             t0 = time.perf_counter()
             loss_sum = self._train_epoch(model, optimizer, scheduler, epoch, shard, progress)
             epoch_time = time.perf_counter() - t0
@@ -181,9 +216,10 @@ class Trainer:
             row = {"epoch": epoch, "step": progress["step"], "train_loss": loss_sum, "dev_score": score,
                    "lr": scheduler.get_last_lr()[0], "epoch_s": round(epoch_time, 3)}
             progress["history"].append(row)
-            self.checkpoints.save(epoch, self._snapshot(), self.best_state if improved else None, optimizer, scheduler,
-                                  progress)
-            self._log_row(row)  # after the checkpoint: a resumed run never logs an epoch twice
+            if acc.is_main_process:
+                self.checkpoints.save(epoch, self._snapshot(), self.best_state if improved else None, optimizer,
+                                      scheduler, {k: v for k, v in progress.items() if k not in ("epoch", "resumed_from_epoch")})
+                self._write_log(progress["history"])  # after the checkpoint: a resumed run never logs an epoch twice
             bar.set_postfix(loss=f"{loss_sum:.4f}", dev=f"{score:.4f}", best=f"{progress['best_score']:.4f}")
             log.info("epoch %d step %d loss %.4f dev %s %.4f%s", epoch, progress["step"], loss_sum,
                      self.spec.main_metric, score, " (best)" if improved else "")
@@ -241,11 +277,13 @@ class Trainer:
         if step >= 0:
             raise TrainingDiverged(step, epoch)
 
-    def _log_row(self, row: dict) -> None:
-        path = self.run_dir / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+    def _write_log(self, history: list[dict]) -> None:
+        """Rewrite `log.csv` (one row per finished epoch) atomically from the history."""
+        if not history:
+            (self.run_dir / "log.csv").unlink(missing_ok=True)
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write_text(self.run_dir / "log.csv", buffer.getvalue())

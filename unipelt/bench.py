@@ -1,0 +1,251 @@
+"""`unipelt-bench`: time a training step, inference and peak memory for every method on the same batches, in
+one process, against HF peft's LoRA and prefix-tuning when peft is installed.
+
+    unipelt-bench --models bert-base,minilm --dtypes fp32,bf16 --batches 16,32 --length 128 --steps 30
+
+Prints a Markdown table (median step time, ratio to peft LoRA, MFU) and writes JSON rows with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
+                   "unipelt_apl"]
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def encoder_config(model: str):
+    from transformers import AutoConfig, BertConfig
+
+    if model == "bert-base":
+        return BertConfig()  # 12 layers, hidden 768, 12 heads, FFN 3072: BERT-base shape, random weights
+    if model == "minilm":
+        from .encoders import model_dir
+
+        try:
+            path = model_dir("minilm")
+        except ImportError:
+            path = None
+        if path is not None:
+            return AutoConfig.from_pretrained(path)
+        return BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    return AutoConfig.from_pretrained(model)
+
+
+def flops_per_step(cfg, batch: int, length: int, trains_encoder: bool) -> float:
+    """Matmul FLOPs: forward 2*N*tokens + attention 4*B*L*T^2*h; backward ~1x forward (input grads only) for
+    a frozen encoder, ~2x for full fine-tuning."""
+    h, layers, ffn = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    n_layer_params = layers * (4 * h * h + 2 * h * ffn)
+    forward = 2 * n_layer_params * batch * length + 4 * batch * layers * length * length * h
+    return forward * (3 if trains_encoder else 2)
+
+
+def make_batches(vocab: int, batch: int, length: int, n: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, vocab - 1, (batch, length), generator=g)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": torch.randint(0, 2, (batch,), generator=g).to(device)})
+    return out
+
+
+def build_unipelt(base, method: str, device, compile_model: bool, frozen_dtype):
+    from .config import preset
+    from .model import PeltModel
+
+    model = PeltModel(copy.deepcopy(base))
+    model.add_task("bench", preset(method), 2)
+    if frozen_dtype is not None and method != "finetune":
+        model.encoder.to(frozen_dtype)
+    model.to(device).train()
+    params = list(model.trainable_named_parameters().values())
+    forward = torch.compile(model) if compile_model else model
+
+    def step_fn(batch):
+        return forward(**batch).loss
+
+    def infer_fn(batch):
+        return forward(batch["input_ids"], batch["attention_mask"]).logits
+
+    return model, params, step_fn, infer_fn
+
+
+def build_peft(base_cfg, method: str, device):
+    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    cfg_cls = copy.deepcopy(base_cfg)
+    cfg_cls.num_labels = 2
+    hf = AutoModelForSequenceClassification.from_config(cfg_cls)
+    if method == "peft_lora":
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
+    else:
+        cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=10, prefix_projection=True,
+                                 encoder_hidden_size=512)
+    model = get_peft_model(hf, cfg).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step_fn(batch):
+        return model(**batch).loss
+
+    def infer_fn(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    return model, params, step_fn, infer_fn
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, batches, steps: int, warmup: int, device) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        fn(batch)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool):
+    gc.collect()  # the previous row's model must be gone before its memory is counted against this one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model, params, step_fn, infer_fn = build()
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam if device.type == "cuda" else None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
+
+    def train_step(batch):
+        with amp:
+            loss = step_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train = time_calls(train_step, batches, steps, warmup, device)
+    model.eval()
+
+    @torch.no_grad()
+    def infer(batch):
+        with amp:
+            infer_fn(batch)
+
+    inference = time_calls(infer, batches, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    del model, optimizer
+    return {"method": name, "trainable": trainable, "train_step_ms": 1e3 * statistics.median(train),
+            "train_step_ms_p10": 1e3 * sorted(train)[len(train) // 10], "infer_ms": 1e3 * statistics.median(inference),
+            "peak_mem_mb": peak}
+
+
+def run(args) -> list[dict]:
+    from transformers import AutoModel
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    methods = args.methods.split(",")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("peft not installed: skipping the peft reference rows", file=sys.stderr)
+        methods = [m for m in methods if not m.startswith("peft_")]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in gpu), None)
+    rows = []
+    for model_name in args.models.split(","):
+        cfg = encoder_config(model_name)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        base = AutoModel.from_config(cfg)
+        for dtype in args.dtypes.split(","):
+            for batch in [int(b) for b in args.batches.split(",")]:
+                batches = make_batches(cfg.vocab_size, batch, args.length, 4, device)
+                for method in methods:
+                    if method.startswith("peft_"):
+                        build = lambda m=method: build_peft(cfg, m, device)  # noqa: E731
+                    else:
+                        frozen = torch.bfloat16 if (dtype == "bf16" and args.frozen_bf16) else None
+                        build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
+                    try:
+                        row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam)
+                    except Exception as err:  # one broken row must not lose the others
+                        print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
+                        continue
+                    flops = flops_per_step(cfg, batch, args.length, method == "finetune")
+                    row.update(model=model_name, dtype=dtype, batch=batch, length=args.length, device=gpu,
+                               tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,
+                               percent=100 * row["trainable"] / sum(p.numel() for p in base.parameters()))
+                    rows.append(row)
+                    print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {method:12s} train {row['train_step_ms']:8.2f} ms  "
+                          f"infer {row['infer_ms']:7.2f} ms  mem {row['peak_mem_mb']:8.0f} MiB", flush=True)
+    return rows
+
+
+def render(rows: list[dict], reference: str = "peft_lora") -> str:
+    lines = ["| model | dtype | batch | method | trainable | train step ms | x peft LoRA | MFU (bf16 peak) | infer ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    refs = {(r["model"], r["dtype"], r["batch"]): r for r in rows if r["method"] == reference}
+    for r in rows:
+        ref = refs.get((r["model"], r["dtype"], r["batch"]))
+        ratio = f"{r['train_step_ms'] / ref['train_step_ms']:.2f}" if ref else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | {r['trainable']:,} | "
+                     f"{r['train_step_ms']:.2f} | {ratio} | {mfu} | {r['infer_ms']:.2f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="unipelt-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="bert-base,minilm", help="bert-base (random weights), minilm, or a model path")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    p.add_argument("--batches", default="16,32")
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the unipelt models")
+    p.add_argument("--frozen-bf16", action="store_true", help="keep the frozen encoder's weights in bf16 for bf16 rows")
+    p.add_argument("--fused-adam", action="store_true", help="fused AdamW on CUDA (unipelt and peft alike)")
+    p.add_argument("--out", default=None, help="write rows as JSON here (and the table next to it as .md)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    table = render(rows)
+    print()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "unipelt-bench " + " ".join(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
+                "device": rows[0]["device"] if rows else None}
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(f"`{meta['command']}` on {meta['device']} (torch {meta['torch']})\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
