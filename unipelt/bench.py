@@ -62,17 +62,19 @@ def make_batches(vocab: int, batch: int, length: int, n: int, device, seed: int 
     return out
 
 
-def build_unipelt(base, method: str, device, compile_model: bool, frozen_dtype):
+def build_unipelt(base, method: str, device, compile_mode: str | None, frozen_dtype):
     from .config import preset
     from .model import PeltModel
 
+    if compile_mode:
+        torch._dynamo.reset()  # a fresh model per row: start from empty compile caches, never hit the recompile limit
     model = PeltModel(copy.deepcopy(base))
     model.add_task("bench", preset(method), 2)
     if frozen_dtype is not None and method != "finetune":
         model.encoder.to(frozen_dtype)
     model.to(device).train()
     params = list(model.trainable_named_parameters().values())
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step_fn(batch):
         return forward(**batch).loss
@@ -192,7 +194,7 @@ def run(args) -> list[dict]:
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
                     flops = flops_per_step(cfg, batch, args.length, method == "finetune")
-                    row.update(model=model_name, dtype=dtype, batch=batch, length=args.length, device=gpu,
+                    row.update(variant=args.tag or "eager", model=model_name, dtype=dtype, batch=batch, length=args.length, device=gpu,
                                tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,
                                percent=100 * row["trainable"] / sum(p.numel() for p in base.parameters()))
                     rows.append(row)
@@ -202,14 +204,14 @@ def run(args) -> list[dict]:
 
 
 def render(rows: list[dict], reference: str = "peft_lora") -> str:
-    lines = ["| model | dtype | batch | method | trainable | train step ms | x peft LoRA | MFU (bf16 peak) | infer ms | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | dtype | batch | method | variant | trainable | train step ms | x peft LoRA | MFU (bf16 peak) | infer ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     refs = {(r["model"], r["dtype"], r["batch"]): r for r in rows if r["method"] == reference}
     for r in rows:
         ref = refs.get((r["model"], r["dtype"], r["batch"]))
         ratio = f"{r['train_step_ms'] / ref['train_step_ms']:.2f}" if ref else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | {r['trainable']:,} | "
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | {r.get('variant', 'eager')} | {r['trainable']:,} | "
                      f"{r['train_step_ms']:.2f} | {ratio} | {mfu} | {r['infer_ms']:.2f} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -224,7 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the unipelt models")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile the unipelt models (optionally a mode: default, reduce-overhead, max-autotune)")
+    p.add_argument("--tag", default="", help="label for this variant (column in the table)")
     p.add_argument("--frozen-bf16", action="store_true", help="keep the frozen encoder's weights in bf16 for bf16 rows")
     p.add_argument("--fused-adam", action="store_true", help="fused AdamW on CUDA (unipelt and peft alike)")
     p.add_argument("--out", default=None, help="write rows as JSON here (and the table next to it as .md)")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .backbones import BackboneMap
+from .gates import Gate, GateBank
 from .sites import ModuleSite, PrefixAttentionSite
 from .state import ForwardState
 
@@ -47,6 +48,7 @@ class Injector:
         self.layers: nn.ModuleList = encoder.get_submodule(backbone.layers)
         self.num_layers = len(self.layers)
         self._sites: dict[tuple[int, str], nn.Module] = {}
+        self._banks: dict[int, GateBank] = {}
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._record_input(i), with_kwargs=True)
 
@@ -63,6 +65,14 @@ class Injector:
     @property
     def mask(self) -> torch.Tensor | None:
         return self.state.mask
+
+    def layer_gate(self, index: int, task: str, gate: Gate):
+        """Register a gate that reads layer `index`'s input; returns a function giving its (B,) value.
+
+        All such gates of a layer are computed together (see GateBank)."""
+        if index not in self._banks:
+            self._banks[index] = GateBank(self.state, ("layer", index))
+        return self._banks[index].add(task, gate, lambda: self.layer_input(index))
 
     # --- sites ------------------------------------------------------------------------------------------
     def site(self, index: int, path: str) -> ModuleSite:
@@ -105,3 +115,5 @@ class Injector:
     def remove_task(self, task: str) -> None:
         for site in self._sites.values():
             site.remove_task(task)
+        for bank in self._banks.values():
+            bank.remove_task(task)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -55,8 +56,9 @@ class RunFailed(RuntimeError):
     exit_code = 1
 
 
-class JobFailed(RuntimeError):
-    """Raised to Hydra for a failed job of a multirun, so the sweep goes on and exits 1 at the end."""
+class JobFailed(CompactHydraException):
+    """Raised to Hydra for a failed job of a multirun, so the sweep goes on and exits 1 at the end (a compact
+    Hydra exception: Hydra prints its message, not a traceback)."""
 
 
 @dataclass
@@ -532,7 +534,8 @@ def run_cli(cfg: DictConfig, multirun: bool = False):
         return None if record is None else record.get("dev_score")
     print(message, file=sys.stderr)
     if multirun:
-        raise JobFailed(message)
+        raise JobFailed(f"{message}\n(the sweep's other jobs still run; re-running the same command skips complete "
+                        "runs and retries failed ones)")
     sys.exit(code)
 
 

@@ -12,23 +12,24 @@ class ForwardState:
     def __init__(self) -> None:
         self.active: str | None = None
         self.mask: torch.Tensor | None = None  # (B, T) float, 1 for real tokens
-        self.has_padding: bool = False
         self.layer_inputs: dict[int, torch.Tensor] = {}
         self.cache: dict = {}
 
     def begin(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.layer_inputs = {}
         self.cache = {}
-        if attention_mask is None:
-            self.mask, self.has_padding = None, False
-        else:
-            self.mask = attention_mask.to(dtype)
-            self.has_padding = bool((attention_mask == 0).any())
+        self.mask = None if attention_mask is None else attention_mask.to(dtype)
 
     def key_mask(self, prefix_len: int) -> torch.Tensor | None:
-        """Boolean SDPA mask (B, 1, 1, P + T) that lets every query see the prefix and the real tokens."""
-        if not self.has_padding:
+        """Boolean SDPA mask (B, 1, 1, P + T) that lets every query see the prefix and the real tokens.
+
+        Built once per forward and shared by all layers. No host sync to test for padding (it would break
+        torch.compile graphs and stall the GPU): callers that know a batch is unpadded pass no mask at all."""
+        if self.mask is None:
             return None
-        keep = self.mask > 0
-        prefix = keep.new_ones(keep.shape[0], prefix_len)
-        return torch.cat([prefix, keep], dim=1)[:, None, None, :]
+        key = ("key_mask", prefix_len)
+        if key not in self.cache:
+            keep = self.mask > 0
+            prefix = keep.new_ones(keep.shape[0], prefix_len)
+            self.cache[key] = torch.cat([prefix, keep], dim=1)[:, None, None, :]
+        return self.cache[key]

@@ -45,10 +45,10 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
         self.gate = gate
 
-    def apply(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def apply(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:  # type: ignore[override]
         update = self.up(self.act(self.down(x)))
         if self.gate is not None:
-            update = scale(update, self.gate(x, mask))  # the gate reads the adapter's own input
+            update = scale(update, self.gate(x, mask, cache))  # the gate reads the adapter's own input
         return x + update
 
 
@@ -83,4 +83,4 @@ class AdapterMethod(PeltMethod):
 
 
 def _bind(block: Bottleneck, injector):
-    return lambda y: block.apply(y, injector.mask)
+    return lambda y: block.apply(y, injector.mask, injector.state.cache)

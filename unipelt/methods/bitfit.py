@@ -46,27 +46,13 @@ class BitFitMethod(PeltMethod):
 
     def attach(self, injector, task: str) -> None:
         for i, terms in enumerate(self.layer_terms):
-            gate = self._layer_gate(injector, i)
+            gate = injector.layer_gate(i, task, self.gate_modules[i]) if self.gate_modules is not None else (lambda: None)
             for role in injector.backbone.linears:
                 injector.linear_site(i, role).add_delta(task, _bias_delta(terms[_key(role)], gate))
             for path in injector.backbone.layer_norms:
                 norm = injector.base_module(i, path)
                 weight = terms[_key(path) + "__weight"] if self.config.include_layernorm else None
                 injector.site(i, path).add_delta(task, _norm_delta(terms[_key(path) + "__bias"], weight, norm, gate))
-
-    def _layer_gate(self, injector, index: int):
-        """A callable returning this layer's gate (computed once per forward) or None."""
-        if self.gate_modules is None:
-            return lambda: None
-        gate = self.gate_modules[index]
-
-        def value() -> torch.Tensor:
-            key = ("bitfit_gate", id(self), index)
-            if key not in injector.state.cache:
-                injector.state.cache[key] = gate(injector.layer_input(index), injector.mask)
-            return injector.state.cache[key]
-
-        return value
 
     def gates(self) -> dict[str, list[Gate]]:
         return {"bitfit": list(self.gate_modules)} if self.gate_modules is not None else {}

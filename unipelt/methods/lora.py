@@ -72,17 +72,17 @@ class LoraMethod(PeltMethod):
     def attach(self, injector, task: str) -> None:
         for role, updates in self.updates.items():
             for i, update in enumerate(updates):
-                gate = self.gate_modules[role][i] if role in self.gate_modules else None
-                injector.linear_site(i, role).add_delta(task, self._delta(update, gate, injector, i))
+                gate = injector.layer_gate(i, task, self.gate_modules[role][i]) if role in self.gate_modules else None
+                injector.linear_site(i, role).add_delta(task, self._delta(update, gate))
 
-    def _delta(self, update: LowRank, gate: Gate | None, injector, index: int):
+    def _delta(self, update: LowRank, gate):
         cfg = self.config
 
         def delta(x: torch.Tensor) -> torch.Tensor:
             out = update(x)
             if gate is None:
                 return out * cfg.scaling
-            g = gate(injector.layer_input(index), injector.mask)
+            g = gate()
             return scale(out, g if cfg.gate_mode == "replace" else g * cfg.scaling)
 
         return delta

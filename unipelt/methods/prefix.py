@@ -71,9 +71,10 @@ class PrefixMethod(PeltMethod):
 
     def attach(self, injector, task: str) -> None:
         for i in range(self.info.num_layers):
-            injector.attention_site(i).set_prefix(task, self._provider(injector, i))
+            gate = injector.layer_gate(i, task, self.gate_modules[i]) if self.gate_modules is not None else None
+            injector.attention_site(i).set_prefix(task, self._provider(injector, i, gate))
 
-    def _provider(self, injector, index: int):
+    def _provider(self, injector, index: int, gate):
         info = self.info
 
         def provide(hidden: torch.Tensor):
@@ -85,8 +86,8 @@ class PrefixMethod(PeltMethod):
             p = kv.shape[1]
             kv = kv.view(2, p, info.num_heads, info.head_dim).permute(0, 2, 1, 3)  # (2, H, P, D)
             k, v = kv[0].expand(b, -1, -1, -1), kv[1].expand(b, -1, -1, -1)
-            if self.gate_modules is not None:
-                g = self.gate_modules[index](injector.layer_input(index), injector.mask)
+            if gate is not None:
+                g = gate()
                 k, v = scale(k, g), scale(v, g)
             return k, v
 
