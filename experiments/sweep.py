@@ -79,11 +79,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
     p.add_argument("--log", default=None, help="append one JSON line per finished run here")
     args = p.parse_args(argv)
-    start = time.perf_counter()
     extra = [f"output.runs_dir={args.runs_dir}", "output.progress=false", "output.save_modules=false", *args.set]
     todo = [o + extra for o in grid(args) if not is_done(Path(args.runs_dir), o, extra)]
     print(f"{len(todo)} runs to do ({len(grid(args)) - len(todo)} already complete), {args.workers} workers", flush=True)
     finished, log = [], open(args.log, "a") if args.log else None
+    start = time.perf_counter()  # the deadline counts from here, not from the (slow) scan for finished runs
     ctx = mp.get_context("spawn")  # CUDA-safe: no forked CUDA state
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)) as pool:
         pending, queue = set(), list(todo)
