@@ -71,6 +71,20 @@ def test_unknown_task(fails):
     assert "unknown task 'rtee'; choose one of: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb" in err
 
 
+@pytest.mark.parametrize("override,message", [
+    ("task=rtee", "Could not find 'task/rtee'"),
+    ("method=lorax", "Could not find 'method/lorax'"),
+    ("model=gpt2", "Could not find 'model/gpt2'"),
+])
+def test_unknown_config_group_option_lists_the_options(override, message):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        config(override)
+    group = override.split("=")[0]
+    assert message in str(err.value) and f"Available options in '{group}'" in str(err.value)
+
+
 def test_unknown_peft_method(fails):
     err = fails("+method.pelt.methods.lorax={}")
     assert "unknown PEFT method 'lorax'; choose from: adapter, bitfit, finetune, lora, prefix" in err
@@ -82,7 +96,7 @@ def test_unknown_method_option(fails):
 
 def test_unknown_model_path(fails, tmp_path):
     err = fails(f"model.path={tmp_path / 'no-such-model'}")
-    assert f"cannot read an encoder config at model.path='{tmp_path / 'no-such-model'}'" in err
+    assert f"model.path='{tmp_path / 'no-such-model'}' is not a folder; use model=minilm" in err
 
 
 def test_unsupported_backbone_architecture(fails, tmp_path):
@@ -111,16 +125,18 @@ def test_unknown_config_keys(fails, override, message):
 # --- K, seeds, sizes ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", ["0", "-3", "abc"])
 def test_k_not_positive(fails, k):
-    assert f"k must be a positive integer or 'full', got {k if k != 'abc' else repr(k)}" in fails(f"data.k={k}")
+    message = f"data.k: k must be a positive integer or 'full', got {k if k != 'abc' else repr(k)}"
+    assert message in fails(f"data.k={k}")
 
 
 def test_k_larger_than_train_minus_dev(fails):
     err = fails("data.k=2480")
-    assert "K=2480 plus a 16-example dev split needs 2496 training examples but rte has 2490; the largest K is 2474" in err
+    assert ("K=2480 plus a 16-example dev split needs 2496 training examples but rte has 2490; "
+            "the largest K is 2474") in err
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.seed=-1", "data_seed must be a non-negative integer, got -1"),
+    ("data.seed=-1", "data.seed: data_seed must be a non-negative integer, got -1"),
     ("train.seed=-5", "train.seed must be a non-negative integer, got -5"),
     ("train.seed=1.5", "train.seed must be a non-negative integer, got 1.5"),
 ])
@@ -268,6 +284,26 @@ def test_module_folder_with_a_pickle_is_refused_not_executed(fails, modules, tmp
 
 def test_missing_module_folder(fails, tmp_path):
     assert f"module folder '{tmp_path / 'nope'}' does not exist" in fails(f"init.modules={tmp_path / 'nope'}")
+
+
+def test_a_matching_module_folder_starts_training_from_its_weights(runs, modules, tmp_path):
+    """The positive control for the checks above: a folder that fits is loaded, and training starts from it."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    other = tmp_path / "runs"
+    rec = run_cli(config(*TINY, f"output.runs_dir={other}", f"init.modules={modules}", "train.epochs=1",
+                         "train.lr=1e-12"))
+    assert rec is not None
+    record = json.loads((other / GOOD_ID / "record.json").read_text())
+    assert record["status"] == "complete"
+    weights = (modules / "weights.safetensors").read_bytes()
+    assert record["init_modules"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    start = load_file(str(modules / "weights.safetensors"))
+    end = load_file(str(other / GOOD_ID / "modules" / "weights.safetensors"))
+    assert start.keys() == end.keys() and all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
 
 
 # --- the real command line ------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def read_task_config(folder: str | Path) -> dict:
     if not isinstance(meta["encoder"], dict):
         raise ModuleLoadError(f"{folder / CONFIG_FILE}: 'encoder' must be an object, got {meta['encoder']!r}")
     if not isinstance(meta["num_labels"], int) or isinstance(meta["num_labels"], bool) or meta["num_labels"] < 1:
-        raise ModuleLoadError(f"{folder / CONFIG_FILE}: num_labels must be a positive integer, got {meta['num_labels']!r}")
+        raise ModuleLoadError(f"{folder / CONFIG_FILE}: num_labels must be a positive integer, "
+                              f"got {meta['num_labels']!r}")
     try:
         PeltConfig.from_dict(meta["pelt"])
     except (ValueError, TypeError, AttributeError) as err:

@@ -35,8 +35,17 @@ from .config import PeltConfig
 from .data import DataError, TaskSpec, build_task_data, check_data_seed, check_k, default_data_dir, get_task
 from .io import ModuleLoadError, save_task
 from .training.checkpoint import Checkpointer
-from .training.record import (RECORD_FILE, base_record, config_diff, is_complete, now, peak_memory, read_record,
-                              run_id, write_record)
+from .training.record import (
+    RECORD_FILE,
+    base_record,
+    config_diff,
+    is_complete,
+    now,
+    peak_memory,
+    read_record,
+    run_id,
+    write_record,
+)
 
 log = logging.getLogger("unipelt")
 CONF_DIR = Path(__file__).parent / "conf"
@@ -187,8 +196,11 @@ def plan(cfg: DictConfig) -> RunPlan:
             "tensor for inference, without the MLP that prefix-tuning trains. Train with folded=false (the default); "
             "fold afterwards with PeltModel.fold_prefix() on the trained model"
         )
-    k = check_k(cfg.data.k)
-    data_seed = check_data_seed(cfg.data.seed)
+    try:
+        k = check_k(cfg.data.k)
+        data_seed = check_data_seed(cfg.data.seed)
+    except DataError as err:
+        raise DataError(f"data.{'k' if str(err).startswith('k ') else 'seed'}: {err}") from None
     try:
         settings = TrainSettings.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
     except TypeError as err:
@@ -231,11 +243,17 @@ def check_model(p: RunPlan):
     from .backbones import BACKBONES, UnsupportedArchitecture
     from .encoders import resolve_model_path
 
+    raw = str(p.model_path)
+    looks_local = raw.startswith(("/", "./", "../", "~")) or os.sep + os.sep in raw
+    if looks_local and not (Path(raw).expanduser() / "config.json").is_file():
+        what = "is not a folder" if not Path(raw).expanduser().is_dir() else "has no config.json"
+        raise ConfigError(f"model {p.model_name!r}: model.path={raw!r} {what}; use model=minilm (embedded), "
+                          f"model.path=<folder with config.json and weights>, or a hub name such as bert-base-uncased")
     try:
-        path = resolve_model_path(str(p.model_path))
+        path = resolve_model_path(raw)
         model_cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, ImportError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         offline = " (HF_HUB_OFFLINE=1: only local folders and the embedded 'minilm' work)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"model {p.model_name!r}: cannot read an encoder config at model.path={p.model_path!r}"
@@ -333,6 +351,10 @@ def run_lock(run_dir: Path):
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        # Temp files of atomic writes interrupted by a kill: never read, safe to drop while holding the lock.
+        for folder in (run_dir, run_dir / "checkpoint", run_dir / "modules"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
         yield
     finally:
         handle.close()
@@ -352,11 +374,13 @@ def execute(cfg: DictConfig) -> dict | None:
 
     accelerator = Accelerator(mixed_precision=p.settings.mixed_precision)
     model, tokenizer = build_model(p, accelerator)
-    with run_lock(p.run_dir):
+    main_process = accelerator.is_main_process  # with several processes (accelerate launch) rank 0 owns the files
+    with run_lock(p.run_dir) if main_process else contextlib.nullcontext():
         if not p.force and _skip_complete(p, record_path):  # finished by another process meanwhile
             return None
-        if p.force:
+        if p.force and main_process:
             Checkpointer(p.run_dir / "checkpoint").clear()
+        accelerator.wait_for_everyone()
         return train_and_record(cfg, p, p.settings, data, record_path, model, tokenizer, accelerator)
 
 
@@ -450,7 +474,7 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
         test_time = time.perf_counter() - eval_start
         n_test = sum(len(enc) for enc in test_enc.values())
         dev_eval_time = (time.perf_counter() - t_start) - fit.train_s - test_time
-        if cfg.output.save_modules:
+        if cfg.output.save_modules and accelerator.is_main_process:
             save_task(model, p.run_dir / "modules", extra={"run_id": p.run_id, "best_epoch": fit.best_epoch})
         record.update(
             status="complete",
@@ -466,15 +490,17 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
             history=fit.history,
             finished=now(),
         )
-        write_record(record_path, record)
+        if accelerator.is_main_process:
+            write_record(record_path, record)
     except CheckpointError:
         raise  # a checkpoint that cannot be resumed: a clear error (exit 2), no record, the checkpoint kept
     except TrainingDiverged as err:
         # The weights in memory may hold NaN; every saved epoch was finite, but a retry under the same settings
         # would diverge again, so the checkpoint is discarded and a re-run starts over.
-        trainer.checkpoints.clear()
+        if accelerator.is_main_process:
+            trainer.checkpoints.clear()
         failure = {"error": str(err), "type": "TrainingDiverged", "step": err.step, "epoch": err.epoch}
-        _write_failed(record_path, record, trainer, failure)
+        _write_failed(record_path, record, trainer, failure, accelerator.is_main_process)
         raise RunFailed(f"{p.run_id}: {err}; failed record written to {str(record_path)!r}") from err
     except Exception as err:
         # Anything else (out of memory, a full disk, a bug): keep the checkpoint (every saved epoch is sound)
@@ -482,22 +508,26 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
         failure = {"error": f"{type(err).__name__}: {err}", "type": type(err).__name__,
                    "step": trainer.state.get("step"), "epoch": trainer.state.get("epoch"),
                    "traceback": traceback.format_exc(limit=20)}
-        written = _write_failed(record_path, record, trainer, failure)
-        where = f"failed record written to {str(record_path)!r}" if written else "the failed record could not be written"
+        written = _write_failed(record_path, record, trainer, failure, accelerator.is_main_process)
+        where = (f"failed record written to {str(record_path)!r}" if written
+                 else "the failed record could not be written")
         raise RunFailed(f"{p.run_id}: {type(err).__name__}: {err} (at step {failure['step']}, epoch "
                         f"{failure['epoch']}); {where}; the last checkpoint is kept, so re-running resumes") from err
-    trainer.checkpoints.clear()
+    if accelerator.is_main_process:
+        trainer.checkpoints.clear()
     print(f"done {p.run_id}: test {p.spec.main_metric} {record['test_score']:.4f} (dev {record['dev_score']:.4f}, "
           f"best epoch {fit.best_epoch}/{fit.epochs_run})")
     return record
 
 
-def _write_failed(record_path: Path, record: dict, trainer, failure: dict) -> bool:
+def _write_failed(record_path: Path, record: dict, trainer, failure: dict, main_process: bool = True) -> bool:
     state = trainer.state
     history = list(state.get("history") or [])
     record.update(status="failed", failure=failure, test_score=None, dev_score=None, metrics={},
                   epochs_run=len(history), steps=state.get("step"), history=history,
                   resumed_from_epoch=state.get("resumed_from_epoch", 0), finished=now())
+    if not main_process:
+        return True
     try:
         write_record(record_path, record)
         return True

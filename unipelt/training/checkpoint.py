@@ -128,7 +128,13 @@ class Checkpointer:
         return state
 
     def clear(self) -> None:
-        if self.folder.is_dir():
-            for path in self.folder.iterdir():
-                path.unlink(missing_ok=True)
+        """Delete the checkpoint: state.json first, so an interrupted clear never leaves a resumable half."""
+        if not self.folder.is_dir():
+            return
+        (self.folder / STATE_FILE).unlink(missing_ok=True)
+        for path in self.folder.iterdir():
+            path.unlink(missing_ok=True)
+        try:
             self.folder.rmdir()
+        except FileNotFoundError:
+            pass

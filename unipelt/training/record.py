@@ -61,7 +61,9 @@ def config_diff(old: dict, new: dict, limit: int = 6) -> list[str]:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if va != vb:
-            diffs.append(f"{key}: {'(absent)' if key not in a else repr(va)} -> {'(absent)' if key not in b else repr(vb)}")
+            old_value = repr(va) if key in a else "(absent)"
+            new_value = repr(vb) if key in b else "(absent)"
+            diffs.append(f"{key}: {old_value} -> {new_value}")
     return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 

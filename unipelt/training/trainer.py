@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TaskSpec
+from ..io import atomic_write_text
 from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order, eval_batches
-from ..io import atomic_write_text
 from .checkpoint import Checkpointer
 
 log = logging.getLogger("unipelt.train")
@@ -217,8 +217,9 @@ class Trainer:
                    "lr": scheduler.get_last_lr()[0], "epoch_s": round(epoch_time, 3)}
             progress["history"].append(row)
             if acc.is_main_process:
+                saved = {k: v for k, v in progress.items() if k not in ("epoch", "resumed_from_epoch")}
                 self.checkpoints.save(epoch, self._snapshot(), self.best_state if improved else None, optimizer,
-                                      scheduler, {k: v for k, v in progress.items() if k not in ("epoch", "resumed_from_epoch")})
+                                      scheduler, saved)
                 self._write_log(progress["history"])  # after the checkpoint: a resumed run never logs an epoch twice
             bar.set_postfix(loss=f"{loss_sum:.4f}", dev=f"{score:.4f}", best=f"{progress['best_score']:.4f}")
             log.info("epoch %d step %d loss %.4f dev %s %.4f%s", epoch, progress["step"], loss_sum,
