@@ -373,6 +373,8 @@ def execute(cfg: DictConfig) -> dict | None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=p.settings.mixed_precision)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)  # the record's peak is this run's, not the process's
     model, tokenizer = build_model(p, accelerator)
     main_process = accelerator.is_main_process  # with several processes (accelerate launch) rank 0 owns the files
     with run_lock(p.run_dir) if main_process else contextlib.nullcontext():

@@ -359,7 +359,7 @@ _EFF_COLUMNS = {  # column -> (header, formatter)
     "train_step_ms": ("Step (ms)", num),
     "infer_ms": ("Infer (ms)", num),
     "peak_mem_mib": ("Peak mem (MiB)", num),
-    "peak_mem_mb": ("Peak mem (MB)", num),
+    "peak_mem_mb": ("Peak mem (MiB)", num),
 }
 
 
