@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
                    "unipelt_apl"]
@@ -154,7 +153,6 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
 
     inference = time_calls(infer, batches, steps, warmup, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    del model, optimizer
     return {"method": name, "trainable": trainable, "train_step_ms": 1e3 * statistics.median(train),
             "train_step_ms_p10": 1e3 * sorted(train)[len(train) // 10], "infer_ms": 1e3 * statistics.median(inference),
             "peak_mem_mb": peak}
