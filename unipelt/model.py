@@ -167,11 +167,8 @@ class PeltModel(nn.Module):
         return values
 
     def fold_prefix(self, task: str | None = None) -> None:
-        """Fold prefix-tuning's MLP into plain key/value tensors (eval mode only)."""
-        prefix = self.tasks[task or self.active_task].methods["prefix"]
-        if self.training:
-            raise RuntimeError("cannot fold the prefix while training: call model.eval() first")
-        prefix.fold()
+        """Fold prefix-tuning's MLP into plain key/value tensors (eval mode only; the method refuses otherwise)."""
+        self.tasks[task or self.active_task].methods["prefix"].fold()
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

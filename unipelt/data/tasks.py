@@ -50,11 +50,6 @@ class TaskSpec:
         # Own copy, so that specs never share (and accidentally co-mutate) one mapping.
         object.__setattr__(self, "hub_splits", dict(self.hub_splits))
 
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """All split names that exist for this task (train first, then the test splits)."""
-        return (self.train_split, *self.test_splits)
-
 
 def _spec(name: str, text_fields: tuple[str, ...], metrics: tuple[str, ...], main: str, **kw) -> TaskSpec:
     num_labels = kw.pop("num_labels", 2)

@@ -63,10 +63,6 @@ def sort_methods(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=method_sort_key)
 
 
-def sort_ks(ks: Iterable[Any]) -> list[Any]:
-    return sorted(set(ks), key=k_sort_key)
-
-
 def sort_tasks(tasks: Iterable[str]) -> list[str]:
     return sorted(set(tasks), key=task_sort_key)
 
