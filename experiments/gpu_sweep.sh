@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Low-resource sweep chunk on the lent GPU (device tool), resuming from records already in the runs dir.
-# Phase 1 runs one experiment at a time (the "before" throughput), phase 2 packs 12 worker processes on the GPU.
+# Phase 1 (P1 seconds, 0 = skip) runs one experiment at a time (the "before" throughput); phase 2 packs WORKERS
+# processes on the GPU until BUDGET seconds after this script started, leaving MARGIN seconds for the runs in
+# flight to finish (a run still going at the hard stop is killed with the pool and redone by the next chunk).
 # Carry .whl (datasets/hydra wheels), .dev/minilm (MiniLM as bf16 safetensors), .dev/glue (the 5 local tasks).
+# Speed settings that do not change results: eval batch 256, a checkpoint at most every 120 s.
 set -u
 out=${OUT:-sweep_out}; mkdir -p "$out"
 runs=experiments/results/low_resource_minilm/runs
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-common=(--runs-dir "$runs" --set model.path=.dev/minilm --set data.dir=.dev/glue --log "$out/sweep_log.jsonl")
-python3 experiments/sweep.py "${common[@]}" --workers 1 --deadline ${P1:-50} 2>&1 | grep -E "runs to do|complete|error|finished" | tail -20
-python3 experiments/sweep.py "${common[@]}" --workers ${WORKERS:-12} --deadline ${P2:-380} 2>&1 | grep -E "runs to do|error|finished" | tail -20
-tar czf "$out/runs.tgz" "$runs"
+common=(--runs-dir "$runs" --set model.path=.dev/minilm --set data.dir=.dev/glue --log "$out/sweep_log.jsonl"
+        --set train.eval_batch_size=256 --set train.checkpoint_every_s=120)
+budget=${BUDGET:-560}; margin=${MARGIN:-200}
+if [ "${P1:-0}" != 0 ]; then
+  python3 experiments/sweep.py "${common[@]}" --workers 1 --deadline "$P1" 2>&1 | grep -E "runs to do|error|finished" | tail -20
+fi
+left=$((budget - SECONDS))
+timeout -s KILL $((left - 15)) python3 experiments/sweep.py "${common[@]}" --workers "${WORKERS:-16}" \
+  --deadline $((left - margin)) 2>&1 | grep -E "runs to do|error|finished" | tail -20
+tar czf "$out/runs.tgz" --exclude=checkpoint --exclude='*.lock' "$runs"

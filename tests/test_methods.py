@@ -292,3 +292,11 @@ def test_short_training_on_a_separable_toy_task_drives_loss_down(config):
         opt.step()
     end = eval_loss()
     assert end < 0.5 * start, (start, end)
+
+
+def test_deep_copy_is_refused_with_a_remedy_instead_of_sharing_forward_state():
+    import copy
+
+    model = model_with("unipelt_apl")
+    with pytest.raises(TypeError, match="cannot be deep-copied.*save_task/load_task"):
+        copy.deepcopy(model)

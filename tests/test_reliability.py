@@ -290,3 +290,51 @@ def test_a_pickle_disguised_as_weights_is_refused_and_never_executed(tmp_path):
     with pytest.raises(ModuleLoadError, match=r"contains pickle file\(s\) \['state'\]"):
         load_task(PeltModel(tiny_encoder(seed=0)), folder)
     assert not marker.exists()
+
+
+def test_sparse_checkpoints_still_resume_to_the_uninterrupted_result(tmp_path, monkeypatch, capsys):
+    """train.checkpoint_every_s > 0 skips checkpoints; a crash then resumes from the last one written, with the
+    best state of that moment (a new best found at a skipped epoch must still reach the next checkpoint)."""
+    from unipelt.training import trainer as trainer_mod
+
+    base = [*TINY, "method=lora", "data.k=16", "train.batch_size=8", "train.epochs=5", "train.patience=100"]
+    rid = "rte-lora-k16-d111-s42"
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_cli(config(*base, f"output.runs_dir={a}"))
+    saved_epochs = []
+    real_save = trainer_mod.Checkpointer.save
+
+    def counting_save(self, epoch, *args, **kwargs):
+        saved_epochs.append(epoch)
+        return real_save(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod.Checkpointer, "save", counting_save)
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint_due", lambda self, epoch, last: epoch in (2, 4))
+    real_log = trainer_mod.Trainer._write_log
+
+    def crash_after_epoch_5(self, history):
+        if len(history) == 5 and self.state.get("resumed_from_epoch") == 0:
+            raise OSError(errno.EIO, "simulated crash")
+        real_log(self, history)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_write_log", crash_after_epoch_5)
+    run_to_failure([*base, "train.checkpoint_every_s=30", f"output.runs_dir={b}"])
+    assert saved_epochs == [2, 4]
+    assert json.loads((b / rid / "checkpoint" / "state.json").read_text())["epoch"] == 4
+    run_cli(config(*base, "train.checkpoint_every_s=30", f"output.runs_dir={b}"))
+    ra, rb = record(a / rid), record(b / rid)
+    assert rb["status"] == "complete" and rb["resumed_from_epoch"] == 4
+    for key in ("test_score", "dev_score", "metrics", "best_epoch", "epochs_run", "steps"):
+        assert rb[key] == ra[key], key
+    assert untimed(rb["history"]) == untimed(ra["history"])
+    assert log_epochs(b / rid) == [1, 2, 3, 4, 5]
+    wa = load_file(str(a / rid / "modules" / "weights.safetensors"))
+    wb = load_file(str(b / rid / "modules" / "weights.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_interval_must_be_a_non_negative_number():
+    from unipelt.training.trainer import TrainSettings
+
+    with pytest.raises(ValueError, match=r"train.checkpoint_every_s must be a number of seconds >= 0, got -1"):
+        TrainSettings(checkpoint_every_s=-1)

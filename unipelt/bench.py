@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .training.cuda_graph import GraphedTrainStep, capturable_adamw
+
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
                    "unipelt_apl"]
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -126,22 +128,26 @@ def time_calls(fn, batches, steps: int, warmup: int, device) -> list[float]:
     return times
 
 
-def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool):
+def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool, cuda_graph: bool = False):
     gc.collect()  # the previous row's model must be gone before its memory is counted against this one
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, params, step_fn, infer_fn = build()
     trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam if device.type == "cuda" else None)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
+    if cuda_graph:  # forward + backward + AdamW captured once, replayed per step (see training/cuda_graph.py)
+        optimizer = capturable_adamw(params, 1e-4, device=device)
+        train_step = GraphedTrainStep(step_fn, optimizer, device, torch.bfloat16 if dtype == "bf16" else None)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam if device.type == "cuda" else None)
 
-    def train_step(batch):
-        with amp:
-            loss = step_fn(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def train_step(batch):
+            with amp:
+                loss = step_fn(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     train = time_calls(train_step, batches, steps, warmup, device)
     model.eval()
@@ -187,7 +193,8 @@ def run(args) -> list[dict]:
                         frozen = torch.bfloat16 if (dtype == "bf16" and args.frozen_bf16) else None
                         build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
                     try:
-                        row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam)
+                        row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam,
+                                        args.cuda_graph and (args.graph_peft or not method.startswith("peft_")))
                     except Exception as err:  # one broken row must not lose the others
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
@@ -228,6 +235,10 @@ def parse_args(argv=None):
                    help="torch.compile the unipelt models (optionally a mode: default, reduce-overhead, max-autotune)")
     p.add_argument("--tag", default="", help="label for this variant (column in the table)")
     p.add_argument("--frozen-bf16", action="store_true", help="keep the frozen encoder's weights in bf16 for bf16 rows")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each unipelt train step (forward, backward, AdamW) as one CUDA graph; peft rows stay "
+                        "eager unless --graph-peft")
+    p.add_argument("--graph-peft", action="store_true", help="with --cuda-graph: capture the peft rows' steps too")
     p.add_argument("--fused-adam", action="store_true", help="fused AdamW on CUDA (unipelt and peft alike)")
     p.add_argument("--out", default=None, help="write rows as JSON here (and the table next to it as .md)")
     return p.parse_args(argv)

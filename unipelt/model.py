@@ -50,6 +50,13 @@ class PeltModel(nn.Module):
         self.tasks = nn.ModuleDict()
         self.info = self._encoder_info()
 
+    def __deepcopy__(self, memo):
+        # The encoder's hooks and the gate banks are closures over this model's forward state; a deep copy would
+        # keep them pointing at the original, so the copy would silently read the original's activations.
+        raise TypeError("a PeltModel cannot be deep-copied (its hooks share this model's forward state); build a "
+                        "new PeltModel on a copy of the encoder and load the modules into it (save_task/load_task, "
+                        "or load_state_dict)")
+
     def _encoder_info(self) -> EncoderInfo:
         cfg = self.encoder.config
         layer = self.injector.layers[0]

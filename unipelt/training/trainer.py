@@ -45,6 +45,8 @@ class TrainSettings:
     compile: bool | str = False  # torch.compile the model for training: true (inductor) or a backend name
     max_steps: int | None = None  # stop after this many steps in total (smoke tests)
     check_every: int = 25  # steps between NaN checks (each check is one host sync)
+    checkpoint_every_s: float = 0  # 0: checkpoint after every epoch; N: at most once per N seconds (sweeps of
+    # short runs: a resumed run still continues bit-identically, from the last checkpoint written)
     inject_nan_at_step: int | None = None  # fault injection for tests: the loss becomes NaN at this step
 
     def __post_init__(self) -> None:
@@ -66,6 +68,8 @@ class TrainSettings:
             raise ValueError(f"train.compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.bucket, bool):
             raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
+        if not (_is_number(self.checkpoint_every_s) and 0 <= self.checkpoint_every_s < math.inf):
+            raise ValueError(f"train.checkpoint_every_s must be a number of seconds >= 0, got {self.checkpoint_every_s!r}")
         for name in ("max_steps", "inject_nan_at_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -204,6 +208,8 @@ class Trainer:
         progress["epoch"] = resumed_from
         bar = tqdm(range(start_epoch, s.epochs + 1), desc=self.run_dir.name, disable=not self.progress, leave=False,
                    initial=start_epoch - 1, total=s.epochs)
+        last_checkpoint = time.perf_counter()
+        best_unsaved = False  # a new best since the last checkpoint
         for epoch in bar:
             if self._done(progress):
                 break
@@ -223,11 +229,14 @@ class Trainer:
             row = {"epoch": epoch, "step": progress["step"], "train_loss": loss_sum, "dev_score": score,
                    "lr": scheduler.get_last_lr()[0], "epoch_s": round(epoch_time, 3)}
             progress["history"].append(row)
-            if acc.is_main_process:
+            best_unsaved |= improved
+            if acc.is_main_process and self._checkpoint_due(epoch, last_checkpoint):
                 saved = {k: v for k, v in progress.items() if k not in ("epoch", "resumed_from_epoch")}
-                self.checkpoints.save(epoch, self._snapshot(), self.best_state if improved else None, optimizer,
+                self.checkpoints.save(epoch, self._snapshot(), self.best_state if best_unsaved else None, optimizer,
                                       scheduler, saved)
-                self._write_log(progress["history"])  # after the checkpoint: a resumed run never logs an epoch twice
+                last_checkpoint, best_unsaved = time.perf_counter(), False
+            if acc.is_main_process:
+                self._write_log(progress["history"])  # a resume rewrites it from the checkpoint's history
             bar.set_postfix(loss=f"{loss_sum:.4f}", dev=f"{score:.4f}", best=f"{progress['best_score']:.4f}")
             log.info("epoch %d step %d loss %.4f dev %s %.4f%s", epoch, progress["step"], loss_sum,
                      self.spec.main_metric, score, " (best)" if improved else "")
@@ -241,6 +250,9 @@ class Trainer:
             train_step_s=progress["train_time"] / max(progress["step"], 1),
             train_epoch_s=progress["train_time"] / max(epochs_run, 1), resumed_from_epoch=resumed_from,
         )
+
+    def _checkpoint_due(self, epoch: int, last_checkpoint: float) -> bool:
+        return time.perf_counter() - last_checkpoint >= self.settings.checkpoint_every_s
 
     def _done(self, progress: dict) -> bool:
         s = self.settings
