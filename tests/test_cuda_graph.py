@@ -117,3 +117,200 @@ def test_captured_graph_trains_like_the_plain_loop_on_cuda(method):
     graphed_losses, step = _train_graphed(graphed, batches, 1e-2, device)
     assert step.graph is not None and step.replays == 12 - 4 - 2  # 12 batches: 4 short, 2 warm-up, then replays
     _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-4)
+
+
+# --- the training loop's train.cuda_graph switch -------------------------------------------------------------------
+TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=32", "train.epochs=2",
+        "output.progress=false"]
+
+
+def _config(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("unipelt.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _record(run_dir) -> dict:
+    import json
+
+    return json.loads((run_dir / "record.json").read_text())
+
+
+def test_cli_run_with_cuda_graph_trains_like_the_plain_run_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
+    """train.cuda_graph=true (here: the static-buffer step, batches padded to data.max_length) gives the scores,
+    losses and weights of the plain loop on batches padded alike; a run that fails while checkpointing epoch 3
+    resumes to the same result. (Padded alike: the dropout masks are drawn over the padded shape, so a plain run
+    with per-batch padding draws other masks and trains differently, though as well.)"""
+    from safetensors.torch import load_file
+
+    import unipelt.training.checkpoint as ckpt
+    import unipelt.training.trainer as trainer_module
+    from unipelt.run import run_cli
+    from unipelt.training.batching import batches
+
+    widths, rows, asked = [], [], []
+    force_pad_to = 80  # for the plain run
+
+    class Spy(GraphedTrainStep):
+        def __call__(self, batch):
+            widths.append(batch["input_ids"].shape[1])
+            rows.append(batch["input_ids"].shape[0])
+            return super().__call__(batch)
+
+    def spy_batches(*args, pad_to=None, **kwargs):
+        asked.append(pad_to)
+        yield from batches(*args, pad_to=pad_to or force_pad_to, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "GraphedTrainStep", Spy)
+    monkeypatch.setattr(trainer_module, "batches", spy_batches)
+    base = [*TINY, "method=unipelt_apl", "data.max_length=80", "train.batch_size=5", "train.epochs=3",
+            "train.patience=100"]
+    rid = "rte-unipelt_apl-k8-d111-s42"
+    plain, graphed, resumed = (tmp_path / name for name in ("plain", "graphed", "resumed"))
+    run_cli(_config(*base, f"output.runs_dir={plain}"))
+    assert widths == []  # the plain run does not use the graphed step
+    assert set(asked) == {None}  # and pads each batch to its longest row (here forced to 80, for comparison)
+    asked.clear()
+    force_pad_to = None
+    run_cli(_config(*base, "train.cuda_graph=true", f"output.runs_dir={graphed}"))
+    rp, rg = _record(plain / rid), _record(graphed / rid)
+    assert rg["config"]["train"]["cuda_graph"] is True and rg["steps"] == rp["steps"] == len(widths)
+    assert set(asked) == {80} and set(widths) == {80}, "every training batch is padded to data.max_length"
+    assert 5 in rows and min(rows) < 5, "full batches and the short last batch (which runs eagerly) both occur"
+    assert rg["dev_score"] == pytest.approx(rp["dev_score"], abs=1e-4)
+    assert rg["test_score"] == pytest.approx(rp["test_score"], abs=1e-4)
+    for key in ("train_loss", "dev_score", "lr"):
+        assert [r[key] for r in rg["history"]] == pytest.approx([r[key] for r in rp["history"]], abs=1e-4), key
+    assert all(isinstance(r["lr"], float) for r in rg["history"])
+    wp = load_file(str(plain / rid / "modules" / "weights.safetensors"))
+    wg = load_file(str(graphed / rid / "modules" / "weights.safetensors"))
+    assert wp.keys() == wg.keys() and all(torch.allclose(wp[k], wg[k], atol=1e-5) for k in wp)
+
+    # Interrupted while checkpointing epoch 3 (the tensor LR went through state.json as a float), then resumed.
+    real_save = ckpt.save_tensors
+
+    def disk_full_at_epoch_3(path, tensors):
+        if path.name == "optimizer-e3.safetensors":
+            raise OSError(28, "No space left on device")
+        real_save(path, tensors)
+
+    monkeypatch.setattr(ckpt, "save_tensors", disk_full_at_epoch_3)
+    with pytest.raises(SystemExit):
+        run_cli(_config(*base, "train.cuda_graph=true", f"output.runs_dir={resumed}"))
+    monkeypatch.setattr(ckpt, "save_tensors", real_save)
+    run_cli(_config(*base, "train.cuda_graph=true", f"output.runs_dir={resumed}"))
+    rr = _record(resumed / rid)
+    assert rr["status"] == "complete" and rr["resumed_from_epoch"] == 2
+    for key in ("test_score", "dev_score", "metrics", "steps"):
+        assert rr[key] == rg[key], key
+    untimed = [{k: v for k, v in r.items() if k != "epoch_s"} for r in rr["history"]]
+    assert untimed == [{k: v for k, v in r.items() if k != "epoch_s"} for r in rg["history"]]
+    wr = load_file(str(resumed / rid / "modules" / "weights.safetensors"))
+    assert all(torch.equal(wr[k], wg[k]) for k in wg)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"mixed_precision": "fp16"}, ["train.cuda_graph", "train.mixed_precision=fp16", "GradScaler",
+                                   "use train.mixed_precision=bf16 or no"]),
+    ({"inject_nan_at_step": 3}, ["train.cuda_graph", "train.inject_nan_at_step=3", "inject_nan_at_step=null"]),
+    ({"compile": True}, ["train.cuda_graph", "train.compile=True", "not supported", "train.compile=false"]),
+    ({"compile": "eager"}, ["train.cuda_graph", "train.compile='eager'", "not supported"]),
+])
+def test_cuda_graph_refuses_settings_it_cannot_honour(overrides, words):
+    from unipelt.training.trainer import TrainSettings
+
+    with pytest.raises(ValueError) as err:
+        TrainSettings(cuda_graph=True, **overrides)
+    for word in words:
+        assert word in str(err.value)
+    TrainSettings(cuda_graph=False, **overrides)  # each is fine without the graph
+    TrainSettings(cuda_graph=True, mixed_precision="bf16")
+
+
+def test_cuda_graph_must_be_a_bool_and_exists_in_the_config():
+    from unipelt.training.trainer import TrainSettings
+
+    with pytest.raises(ValueError, match=r"train.cuda_graph must be true or false, got 'yes'"):
+        TrainSettings(cuda_graph="yes")
+    assert TrainSettings().cuda_graph is False
+    assert _config().train.cuda_graph is False
+
+
+def test_cuda_graph_with_several_processes_fails_at_fit(tmp_path):
+    from types import SimpleNamespace
+
+    from unipelt.training.trainer import Trainer, TrainSettings
+
+    acc = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"), is_main_process=True)
+    trainer = Trainer(model_with("lora"), None, None, None, TrainSettings(cuda_graph=True), 0, tmp_path, acc,
+                      progress=False)
+    with pytest.raises(ValueError, match=r"train.cuda_graph=true supports one process only, got 2"):
+        trainer.fit()
+
+
+def test_batches_pad_to_a_fixed_width_with_the_same_rows():
+    from unipelt.training.batching import Encoded, batches, epoch_order
+
+    lengths = [3, 7, 5, 2, 9, 4, 6]
+    data = Encoded([list(range(1, n + 1)) for n in lengths], [[1] * n for n in lengths],
+                   torch.arange(len(lengths)))
+    order = epoch_order(len(lengths), seed=1, epoch=1)
+    plain = list(batches(data, order, 3, 0))
+    fixed = list(batches(data, order, 3, 0, pad_to=12))
+    assert [b["input_ids"].shape for b in fixed] == [(3, 12), (3, 12), (1, 12)]
+    assert max(b["input_ids"].shape[1] for b in plain) < 12
+    for p, f in zip(plain, fixed):
+        w = p["input_ids"].shape[1]
+        assert torch.equal(f["labels"], p["labels"])
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert torch.equal(f[key][:, :w], p[key][:, :w]), key
+            assert f[key][:, w:].eq(0).all(), key  # pad id 0, mask 0, type 0
+    # a row longer than pad_to keeps its length (the width is max(pad_to, longest row))
+    assert next(batches(data, [4], 1, 0, pad_to=6))["input_ids"].shape == (1, 9)
+
+
+def test_checkpoint_round_trip_keeps_a_tensor_lr_the_same_tensor_with_the_saved_value(tmp_path):
+    import json
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from unipelt.training.checkpoint import Checkpointer, load_optimizer_state
+
+    def make():
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(4))
+        opt = capturable_adamw([param], 1e-2, weight_decay=0.1)
+        return param, opt, get_linear_schedule_with_warmup(opt, 2, 10)
+
+    def train(param, opt, sched, n):
+        for _ in range(n):
+            opt.zero_grad()
+            (param ** 2).sum().backward()
+            opt.step()
+            sched.step()
+
+    param, opt, sched = make()
+    train(param, opt, sched, 3)
+    saved_lr = opt.param_groups[0]["lr"].item()
+    assert saved_lr not in (0.0, 1e-2)  # mid-schedule
+    ckpt = Checkpointer(tmp_path / "checkpoint")
+    ckpt.save(1, {"p": param.detach()}, None, opt, sched, {"best_epoch": 1})
+    state = ckpt.load()
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["optimizer"]["param_groups"][0]["lr"] \
+        == pytest.approx(saved_lr)
+
+    param2, opt2, sched2 = make()
+    lr_tensor = opt2.param_groups[0]["lr"]
+    with torch.no_grad():
+        param2.copy_(state["trainable"]["p"])
+    load_optimizer_state(opt2, sched2, state["optimizer_state"], state["scheduler"])
+    group = opt2.param_groups[0]
+    assert group["lr"] is lr_tensor, "the very tensor a captured graph reads"
+    assert group["lr"].item() == saved_lr and group["lr"].dtype == torch.float64
+    assert torch.is_tensor(sched2.base_lrs[0]) and torch.is_tensor(sched2.get_last_lr()[0])
+    # both continue identically, and the scheduler keeps filling the same tensor
+    train(param, opt, sched, 3)
+    train(param2, opt2, sched2, 3)
+    assert opt2.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == opt.param_groups[0]["lr"].item()
+    assert torch.equal(param, param2)

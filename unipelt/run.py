@@ -159,7 +159,7 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
     record["params"] = {key: value for key, value in model.parameter_counts().items()}
     record["sizes"] = {"train": len(data.train), "dev": len(data.dev), "test": {k: len(v) for k, v in data.test.items()}}
     trainer = Trainer(model, p.spec, train_enc, dev_enc, settings, tokenizer.pad_token_id, p.run_dir,
-                      accelerator, progress=bool(cfg.output.progress), config=config)
+                      accelerator, progress=bool(cfg.output.progress), config=config, pad_to=p.max_length)
     t_start = time.perf_counter()
     try:
         fit = trainer.fit()

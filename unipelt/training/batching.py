@@ -33,8 +33,9 @@ def encode(dataset, spec: TaskSpec, tokenizer, max_length: int) -> Encoded:
     return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels)
 
 
-def collate(data: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(data.input_ids[i]) for i in index)
+def collate(data: Encoded, index: list[int], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest row, or to at least `pad_to` (a fixed shape, e.g. for CUDA graphs)."""
+    width = max(max(len(data.input_ids[i]) for i in index), pad_to or 0)
     ids = torch.full((len(index), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(index), width), dtype=torch.long)
     types = torch.zeros((len(index), width), dtype=torch.long) if data.token_type_ids is not None else None
@@ -58,9 +59,10 @@ def epoch_order(n: int, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) 
     return order[rank::world]
 
 
-def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucket: bool = False):
+def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucket: bool = False,
+            pad_to: int | None = None):
     """Yield padded batches in `order`. `bucket=True` groups similar lengths (less padding; same batch set per
-    epoch, shuffled batch order)."""
+    epoch, shuffled batch order). `pad_to`: pad every batch to at least this width (see `collate`)."""
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if bucket:
         window = batch_size * 50
@@ -71,7 +73,7 @@ def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucke
         perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(len(order) + sum(order[:8])))
         chunks = [chunks[i] for i in perm.tolist()]
     for chunk in chunks:
-        yield collate(data, chunk, pad_id)
+        yield collate(data, chunk, pad_id, pad_to)
 
 
 def eval_batches(data: Encoded, batch_size: int, pad_id: int):

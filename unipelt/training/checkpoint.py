@@ -41,7 +41,37 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                 tensors[f"{idx}.{name}"] = value
             else:
                 scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": _floats(sd["param_groups"]), "scalars": scalars}
+
+
+def _floats(value):
+    """JSON-ready copy: 0-d tensors (a capturable optimizer's LR, its scheduler's base LRs) become floats."""
+    if torch.is_tensor(value):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_floats(v) for v in value)
+    return value
+
+
+def load_optimizer_state(optimizer, scheduler, optimizer_state: dict, scheduler_state: dict) -> None:
+    """Load both states. The checkpoint holds LRs as floats, and `load_state_dict` would put those floats in place
+    of a tensor LR (a capturable optimizer's, which a captured CUDA graph reads): such a group keeps its own
+    tensor, filled with the saved value, and the scheduler's LRs become tensors of its kind again (as before the
+    checkpoint, so a resumed run computes the same LRs)."""
+    tensor_lrs = [g["lr"] if torch.is_tensor(g["lr"]) else None for g in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, tensor_lrs)):
+        if lr is None:
+            continue
+        lr.fill_(float(group["lr"]))
+        group["lr"] = lr
+        if "initial_lr" in group:
+            group["initial_lr"] = torch.full_like(lr, float(group["initial_lr"]))
+        scheduler.base_lrs[i] = torch.full_like(lr, float(scheduler.base_lrs[i]))
+        scheduler._last_lr[i] = lr.clone()
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -77,7 +107,7 @@ class Checkpointer:
             if previous:
                 names["best"] = previous
         state = {"state_version": STATE_VERSION, "epoch": epoch, "files": names, "optimizer": opt_meta,
-                 "scheduler": scheduler.state_dict(), **progress, "config": self.config}
+                 "scheduler": _floats(scheduler.state_dict()), **progress, "config": self.config}
         atomic_write_json(self.folder / STATE_FILE, state)
         keep = set(names.values()) | {STATE_FILE}
         for path in self.folder.iterdir():

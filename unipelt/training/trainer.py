@@ -17,7 +17,8 @@ from ..io import atomic_write_text
 from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order, eval_batches
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_optimizer_state
+from .cuda_graph import GraphedTrainStep, capturable_adamw
 
 log = logging.getLogger("unipelt.train")
 
@@ -43,6 +44,7 @@ class TrainSettings:
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     bucket: bool = False  # length-bucketed training batches (less padding)
     compile: bool | str = False  # torch.compile the model for training: true (inductor) or a backend name
+    cuda_graph: bool = False  # capture each training step as one CUDA graph (fixed-shape batches; cuda_graph.py)
     max_steps: int | None = None  # stop after this many steps in total (smoke tests)
     check_every: int = 25  # steps between NaN checks (each check is one host sync)
     checkpoint_every_s: float = 0  # 0: checkpoint after every epoch; N: at most once per N seconds (sweeps of
@@ -68,12 +70,30 @@ class TrainSettings:
             raise ValueError(f"train.compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.bucket, bool):
             raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
         if not (_is_number(self.checkpoint_every_s) and 0 <= self.checkpoint_every_s < math.inf):
             raise ValueError(f"train.checkpoint_every_s must be a number of seconds >= 0, got {self.checkpoint_every_s!r}")
         for name in ("max_steps", "inject_nan_at_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"train.{name} must be a positive integer or null, got {value!r}")
+        if self.cuda_graph:
+            self._check_cuda_graph()
+
+    def _check_cuda_graph(self) -> None:
+        """Settings a captured step cannot honour are refused rather than silently ignored."""
+        if self.mixed_precision == "fp16":
+            raise ValueError("train.cuda_graph=true does not work with train.mixed_precision=fp16 (fp16 needs a "
+                             "GradScaler, whose inf checks and skipped steps cannot be captured); use "
+                             "train.mixed_precision=bf16 or no")
+        if self.inject_nan_at_step is not None:
+            raise ValueError(f"train.cuda_graph=true does not work with train.inject_nan_at_step="
+                             f"{self.inject_nan_at_step} (the fault is injected between forward and backward, inside "
+                             f"the captured step); set train.inject_nan_at_step=null or train.cuda_graph=false")
+        if self.compile is not False:
+            raise ValueError(f"train.cuda_graph=true with train.compile={self.compile!r} is not supported yet; set "
+                             f"train.compile=false or train.cuda_graph=false")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
@@ -104,9 +124,12 @@ class FitResult:
 
 class Trainer:
     def __init__(self, model: PeltModel, spec: TaskSpec, train: Encoded, dev: Encoded, settings: TrainSettings,
-                 pad_id: int, run_dir, accelerator=None, progress: bool = True, config: dict | None = None) -> None:
+                 pad_id: int, run_dir, accelerator=None, progress: bool = True, config: dict | None = None,
+                 pad_to: int | None = None) -> None:
         """`config`: the run's resolved config, stored in each checkpoint; a checkpoint written under other
-        result-relevant settings is refused rather than resumed (see checkpoint.Checkpointer)."""
+        result-relevant settings is refused rather than resumed (see checkpoint.Checkpointer).
+        `pad_to`: the fixed width of training batches under `train.cuda_graph` (the data's max length; by default
+        the longest training example). A graph replays one shape only, so every full batch must have it."""
         from accelerate import Accelerator
 
         self.raw = model
@@ -114,6 +137,7 @@ class Trainer:
         self.train_data, self.dev_data = train, dev
         self.settings = settings
         self.pad_id = pad_id
+        self.pad_to = pad_to
         self.run_dir = run_dir
         self.accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
         self.progress = progress
@@ -139,8 +163,12 @@ class Trainer:
 
         s = self.settings
         params = list(self._trainable().values())
-        fused = self.accelerator.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+        device = self.accelerator.device
+        if s.cuda_graph:  # LR in a tensor that the captured step reads; the scheduler fills it in place
+            optimizer = capturable_adamw(params, s.lr, s.weight_decay, device)
+        else:
+            fused = device.type == "cuda"  # one kernel for all parameters instead of several per tensor
+            optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
         total = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total), max(total, 1))
         return optimizer, scheduler
@@ -178,6 +206,9 @@ class Trainer:
     def fit(self) -> FitResult:
         s = self.settings
         acc = self.accelerator
+        if s.cuda_graph and acc.num_processes > 1:
+            raise ValueError(f"train.cuda_graph=true supports one process only, got {acc.num_processes} (DDP's "
+                             f"gradient all-reduce is not captured); run single-process or set train.cuda_graph=false")
         shard = (acc.process_index, acc.num_processes)
         n_local = len(epoch_order(len(self.train_data), s.seed, 0, shard))
         steps_per_epoch = math.ceil(n_local / s.batch_size)
@@ -186,6 +217,10 @@ class Trainer:
         if s.compile:
             backend = "inductor" if s.compile is True else s.compile
             model = torch.compile(model, backend=backend, dynamic=None)  # same outputs; fewer kernel launches
+        graphed = None
+        if s.cuda_graph:  # one per fit: it holds the captured graph and its static buffers across epochs
+            autocast = torch.bfloat16 if s.mixed_precision == "bf16" else None
+            graphed = GraphedTrainStep(lambda b: model(**b).loss, optimizer, acc.device, autocast_dtype=autocast)
         progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_time": 0.0,
                     "dev_metrics": {}}
         self.state = progress
@@ -195,8 +230,7 @@ class Trainer:
         else:
             state = self.checkpoints.load()
             self.load_trainable(state["trainable"])
-            optimizer.load_state_dict(state["optimizer_state"])
-            scheduler.load_state_dict(state["scheduler"])
+            load_optimizer_state(optimizer, scheduler, state["optimizer_state"], state["scheduler"])
             self.best_state = state["best"]
             progress = {k: state[k] for k in progress}
             self.state = progress
@@ -215,7 +249,7 @@ class Trainer:
                 break
             progress["epoch"] = epoch
             t0 = time.perf_counter()
-            loss_sum = self._train_epoch(model, optimizer, scheduler, epoch, shard, progress)
+            loss_sum = self._train_epoch(model, optimizer, scheduler, epoch, shard, progress, graphed)
             epoch_time = time.perf_counter() - t0
             progress["train_time"] += epoch_time
             dev_metrics, _ = self.evaluate(self.dev_data)
@@ -227,7 +261,7 @@ class Trainer:
             else:
                 progress["bad_epochs"] += 1
             row = {"epoch": epoch, "step": progress["step"], "train_loss": loss_sum, "dev_score": score,
-                   "lr": scheduler.get_last_lr()[0], "epoch_s": round(epoch_time, 3)}
+                   "lr": float(scheduler.get_last_lr()[0]), "epoch_s": round(epoch_time, 3)}  # a tensor if capturable
             progress["history"].append(row)
             best_unsaved |= improved
             if acc.is_main_process and self._checkpoint_due(epoch, last_checkpoint):
@@ -260,7 +294,8 @@ class Trainer:
             return True
         return s.max_steps is not None and progress["step"] >= s.max_steps
 
-    def _train_epoch(self, model, optimizer, scheduler, epoch: int, shard, progress: dict) -> float:
+    def _train_epoch(self, model, optimizer, scheduler, epoch: int, shard, progress: dict,
+                     graphed: GraphedTrainStep | None = None) -> float:
         s, acc = self.settings, self.accelerator
         model.train()
         torch.manual_seed(s.seed * 1_000_003 + epoch)  # dropout stream: a function of (seed, epoch) for resume
@@ -269,22 +304,30 @@ class Trainer:
         running = torch.zeros((), device=device)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         n = 0
-        for batch in batches(self.train_data, order, s.batch_size, self.pad_id, bucket=s.bucket):
+        pad_to = None
+        if graphed is not None:
+            pad_to = self.pad_to or max(len(ids) for ids in self.train_data.input_ids)
+        for batch in batches(self.train_data, order, s.batch_size, self.pad_id, bucket=s.bucket, pad_to=pad_to):
             if s.max_steps is not None and progress["step"] >= s.max_steps:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with acc.autocast():
-                loss = model(**batch).loss
-            progress["step"] += 1
-            if s.inject_nan_at_step is not None and progress["step"] >= s.inject_nan_at_step:
-                loss = loss * float("nan")
-            bad = ~torch.isfinite(loss.detach())
+            if graphed is not None:
+                loss = graphed(batch)  # zero-grad, forward, backward and optimizer step: one graph replay
+                progress["step"] += 1
+            else:
+                with acc.autocast():
+                    loss = model(**batch).loss
+                progress["step"] += 1
+                if s.inject_nan_at_step is not None and progress["step"] >= s.inject_nan_at_step:
+                    loss = loss * float("nan")
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                loss = loss.detach()
+            bad = ~torch.isfinite(loss)
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, progress["step"]), first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
+            running += loss.float()  # before the next step: a graph's loss buffer is overwritten by the next replay
             scheduler.step()
-            running += loss.detach().float()
             n += 1
             if progress["step"] % s.check_every == 0:
                 self._check_finite(first_bad, epoch)
