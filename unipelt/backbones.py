@@ -21,6 +21,9 @@ class BackboneMap:
     attn_output_site: str  # adapter point after the attention output projection (+dropout), before add & norm
     ffn_output_site: str  # adapter point after the feed-forward block (+dropout), before add & norm
     layer_norms: tuple  # paths of the LayerNorms inside a layer (for BitFit's optional LayerNorm terms)
+    # Grouped training (unipelt/grouping) replaces every dropout of the encoder by per-run keyed dropout: the two
+    # sites above are the layer's hidden dropouts, this one the embeddings' (relative to the encoder root).
+    embedding_dropout: str = "embeddings.dropout"
 
 
 _BERT_LIKE = BackboneMap(

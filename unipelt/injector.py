@@ -86,6 +86,16 @@ class Injector:
             self._sites[key] = wrapped
         return self._sites[key]
 
+    def root_site(self, path: str) -> ModuleSite:
+        """The ModuleSite wrapping `path` relative to the encoder root (e.g. the embeddings' dropout)."""
+        key = (-1, path)
+        if key not in self._sites:
+            wrapped = ModuleSite(resolve(self.encoder, path), self.state)
+            wrapped.train(wrapped.base.training)
+            replace(self.encoder, path, wrapped)
+            self._sites[key] = wrapped
+        return self._sites[key]
+
     def linear_site(self, index: int, role: str) -> ModuleSite:
         if role not in self.backbone.linears:
             raise ValueError(f"unknown linear {role!r}; this backbone has: {', '.join(self.backbone.linears)}")

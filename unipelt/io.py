@@ -102,15 +102,17 @@ def task_state_dict(model: PeltModel, task: str | None = None) -> dict[str, torc
     return state
 
 
-def save_task(model: PeltModel, folder: str | Path, task: str | None = None, extra: dict | None = None) -> Path:
-    """Write the task's trainable tensors and config to `folder` (created if needed)."""
+def save_task(model: PeltModel, folder: str | Path, task: str | None = None, extra: dict | None = None,
+              save_as: str | None = None) -> Path:
+    """Write the task's trainable tensors and config to `folder` (created if needed); `save_as` names the task in
+    the folder when it differs from its name in this model (e.g. a run of a group)."""
     task = task or model.active_task
     folder = Path(folder)
     modules = model.tasks[task]
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "task": task,
+        "task": save_as or task,
         "pelt": modules.config.to_dict(),
         "num_labels": modules.head.num_labels,
         "encoder": encoder_fingerprint(model),

@@ -69,6 +69,7 @@ class RunPlan:
     config: dict | None = None  # the resolved config (as stored in the record)
     init_modules: Path | None = None
     threads: int | None = None
+    overrides: list | None = None  # the command-line overrides, when known without Hydra's global state
 
 
 def resolve_data_dir(value) -> Path | None:

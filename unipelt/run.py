@@ -57,8 +57,30 @@ log = logging.getLogger("unipelt")
 
 
 def execute(cfg: DictConfig) -> dict | None:
-    """Run one experiment; returns its record (None when skipped because a complete record exists)."""
+    """Run one experiment; returns its record (None when skipped because a complete record exists).
+
+    A PEFT run trains through the grouped engine as a group of one (unipelt/grouping), so it trains exactly as it
+    would inside any sweep's group; runs the engine does not cover use the per-run trainer (execute_single)."""
+    from .grouping.runner import run_group, solo_reason
+
     p = plan(cfg)
+    if solo_reason(p, cfg) is not None:
+        return execute_single(cfg, p)
+    if not p.force and _skip_complete(p, p.run_dir / RECORD_FILE):
+        return None
+    preflight(p)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    outcome = run_group([p], device, progress=bool(cfg.output.progress))[0]
+    if outcome.status == "failed":
+        raise RunFailed(outcome.message)
+    if outcome.status == "error":
+        raise RunInProgress(outcome.message)
+    return outcome.record
+
+
+def execute_single(cfg: DictConfig, p: RunPlan | None = None) -> dict | None:
+    """Run one experiment with the per-run trainer (training/trainer.py)."""
+    p = p or plan(cfg)
     record_path = p.run_dir / RECORD_FILE
     if not p.force and _skip_complete(p, record_path):
         return None
@@ -149,15 +171,8 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
     dev_enc = encode(data.dev, p.spec, tokenizer, p.max_length)
     test_enc = {name: encode(ds, p.spec, tokenizer, p.max_length) for name, ds in data.test.items()}
     p.run_dir.mkdir(parents=True, exist_ok=True)
-    config = p.config if p.config is not None else OmegaConf.to_container(cfg, resolve=True)
-    record = base_record(p.run_id, p.spec.name, p.method, p.model_name, p.k, p.data_seed, settings.seed,
-                         p.spec.main_metric, config, data.split_hash, str(accelerator.device))
-    record["overrides"] = _hydra_overrides()
-    if p.init_modules is not None:
-        record["init_modules"] = {"path": str(p.init_modules),
-                                  "weights_sha256": _sha256(p.init_modules / "weights.safetensors")}
-    record["params"] = {key: value for key, value in model.parameter_counts().items()}
-    record["sizes"] = {"train": len(data.train), "dev": len(data.dev), "test": {k: len(v) for k, v in data.test.items()}}
+    record = start_record(cfg, p, data, model, model.active_task, str(accelerator.device), group_size=None)
+    config = record["config"]
     trainer = Trainer(model, p.spec, train_enc, dev_enc, settings, tokenizer.pad_token_id, p.run_dir,
                       accelerator, progress=bool(cfg.output.progress), config=config, pad_to=p.max_length)
     t_start = time.perf_counter()
@@ -174,20 +189,8 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
         dev_eval_time = (time.perf_counter() - t_start) - fit.train_s - test_time
         if cfg.output.save_modules and accelerator.is_main_process:
             save_task(model, p.run_dir / "modules", extra={"run_id": p.run_id, "best_epoch": fit.best_epoch})
-        record.update(
-            status="complete",
-            dev_score=fit.dev_metrics.get(p.spec.main_metric),
-            test_score=test_metrics[p.spec.main_metric],
-            metrics={"dev": fit.dev_metrics, "test": test_metrics},
-            best_epoch=fit.best_epoch, epochs_run=fit.epochs_run, steps=fit.steps,
-            resumed_from_epoch=fit.resumed_from_epoch,
-            time={"train_s": fit.train_s, "eval_s": dev_eval_time + test_time, "train_step_s": fit.train_step_s,
-                  "train_epoch_s": fit.train_epoch_s, "inference_per_example_s": test_time / max(n_test, 1)},
-            memory=peak_memory(accelerator.device),
-            gates=gates,
-            history=fit.history,
-            finished=now(),
-        )
+        complete_record(record, p, fit, test_metrics, gates, dev_eval_time + test_time, test_time / max(n_test, 1),
+                        peak_memory(accelerator.device))
         if accelerator.is_main_process:
             write_record(record_path, record)
     except CheckpointError:
@@ -213,9 +216,47 @@ def train_and_record(cfg: DictConfig, p: RunPlan, settings, data, record_path: P
                         f"{failure['epoch']}); {where}; the last checkpoint is kept, so re-running resumes") from err
     if accelerator.is_main_process:
         trainer.checkpoints.clear()
-    print(f"done {p.run_id}: test {p.spec.main_metric} {record['test_score']:.4f} (dev {record['dev_score']:.4f}, "
-          f"best epoch {fit.best_epoch}/{fit.epochs_run})")
+    print(done_message(p, record, fit))
     return record
+
+
+def start_record(cfg, p: RunPlan, data, model, task: str, device: str, group_size: int | None) -> dict:
+    """The record of a run before training: identity, config, data sizes, parameter counts, how it was trained."""
+    config = p.config if p.config is not None else OmegaConf.to_container(cfg, resolve=True)
+    record = base_record(p.run_id, p.spec.name, p.method, p.model_name, p.k, p.data_seed, p.settings.seed,
+                         p.spec.main_metric, config, data.split_hash, device)
+    record["overrides"] = p.overrides if p.overrides is not None else _hydra_overrides()
+    record["group_size"] = group_size  # runs that shared the encoder's forward (1: alone); null: per-run trainer
+    if p.init_modules is not None:
+        record["init_modules"] = {"path": str(p.init_modules),
+                                  "weights_sha256": _sha256(p.init_modules / "weights.safetensors")}
+    record["params"] = dict(model.parameter_counts(task))
+    record["sizes"] = {"train": len(data.train), "dev": len(data.dev), "test": {k: len(v) for k, v in data.test.items()}}
+    return record
+
+
+def complete_record(record: dict, p: RunPlan, fit, test_metrics: dict, gates: dict, eval_s: float,
+                    inference_per_example_s: float, memory: dict) -> dict:
+    record.update(
+        status="complete",
+        dev_score=fit.dev_metrics.get(p.spec.main_metric),
+        test_score=test_metrics[p.spec.main_metric],
+        metrics={"dev": fit.dev_metrics, "test": test_metrics},
+        best_epoch=fit.best_epoch, epochs_run=fit.epochs_run, steps=fit.steps,
+        resumed_from_epoch=fit.resumed_from_epoch,
+        time={"train_s": fit.train_s, "eval_s": eval_s, "train_step_s": fit.train_step_s,
+              "train_epoch_s": fit.train_epoch_s, "inference_per_example_s": inference_per_example_s},
+        memory=memory,
+        gates=gates,
+        history=fit.history,
+        finished=now(),
+    )
+    return record
+
+
+def done_message(p: RunPlan, record: dict, fit) -> str:
+    return (f"done {p.run_id}: test {p.spec.main_metric} {record['test_score']:.4f} (dev {record['dev_score']:.4f}, "
+            f"best epoch {fit.best_epoch}/{fit.epochs_run})")
 
 
 def _write_failed(record_path: Path, record: dict, trainer, failure: dict, main_process: bool = True) -> bool:

@@ -23,6 +23,7 @@ class ModuleSite(nn.Module):
         self._state = state
         self._deltas: dict[str, list[Callable]] = {}
         self._posts: dict[str, list[Callable]] = {}
+        self._replace: dict[str, Callable] = {}  # task -> a callable used instead of `base` (grouped dropout)
 
     def add_delta(self, task: str, fn: Callable) -> None:
         self._deltas.setdefault(task, []).append(fn)
@@ -30,13 +31,18 @@ class ModuleSite(nn.Module):
     def add_post(self, task: str, fn: Callable) -> None:
         self._posts.setdefault(task, []).append(fn)
 
+    def set_replace(self, task: str, fn: Callable) -> None:
+        self._replace[task] = fn
+
     def remove_task(self, task: str) -> None:
         self._deltas.pop(task, None)
         self._posts.pop(task, None)
+        self._replace.pop(task, None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
         task = self._state.active
+        replace = self._replace.get(task)
+        y = self.base(x, *args, **kwargs) if replace is None else replace(x)
         for fn in self._deltas.get(task, ()):
             y = y + fn(x)
         for fn in self._posts.get(task, ()):
@@ -60,26 +66,40 @@ class PrefixAttentionSite(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self._prefix: dict[str, Callable] = {}
+        self._replace: dict[str, Callable] = {}  # task -> the whole attention computed elsewhere (grouped runs)
 
     def set_prefix(self, task: str, fn: Callable) -> None:
         self._prefix[task] = fn
 
+    def set_replace(self, task: str, fn: Callable) -> None:
+        self._replace[task] = fn
+
     def remove_task(self, task: str) -> None:
         self._prefix.pop(task, None)
+        self._replace.pop(task, None)
+
+    def projections(self, hidden_states: torch.Tensor):
+        """Query, key and value in (B, H, T, D), through the sites on those linears (LoRA, BitFit)."""
+        base = self.base
+        q = self._heads(base.get_submodule(self._paths["query"])(hidden_states))
+        k = self._heads(base.get_submodule(self._paths["key"])(hidden_states))
+        v = self._heads(base.get_submodule(self._paths["value"])(hidden_states))
+        return q, k, v
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        replace = self._replace.get(self._state.active)
+        if replace is not None:
+            return replace(self, hidden_states, **kwargs)
         fn = self._prefix.get(self._state.active)
         if fn is None:
             return self.base(hidden_states, attention_mask=attention_mask, **kwargs)
         prefix_k, prefix_v = fn(hidden_states)  # (B, H, P, D) each
         base = self.base
-        q = self._heads(base.get_submodule(self._paths["query"])(hidden_states))
-        k = self._heads(base.get_submodule(self._paths["key"])(hidden_states))
-        v = self._heads(base.get_submodule(self._paths["value"])(hidden_states))  # sites (LoRA, BitFit) included
+        q, k, v = self.projections(hidden_states)  # sites (LoRA, BitFit) included
         k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
         v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
         mask = self._state.key_mask(prefix_k.shape[2])

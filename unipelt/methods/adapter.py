@@ -81,6 +81,65 @@ class AdapterMethod(PeltMethod):
             return {}
         return {f"adapter_{where}": [b.gate for b in blocks] for where, blocks in self.blocks.items()}
 
+    # --- grouped training -------------------------------------------------------------------------------------
+    groupable = True
+
+    @classmethod
+    def group_key(cls, config: AdapterConfig) -> tuple:
+        return (config.bottleneck_dim, config.reduction_factor, config.activation)
+
+    @classmethod
+    def attach_group(cls, engine) -> None:
+        from ..grouping.engine import GROUP
+
+        bb = engine.injector.backbone
+        paths = {"attn": bb.attn_output_site, "ffn": bb.ffn_output_site}
+        placements = sorted({where for m in engine.member_methods(cls.name) for where in m.blocks})
+        for where in placements:
+            for i in range(engine.info.num_layers):
+                engine.injector.site(i, paths[where]).add_post(GROUP, _group_post(engine, where, i))
+
+
+def _group_post(engine, where: str, layer: int):
+    """y + g_r * up_r(act(down_r(y))) for each run r's rows, as batched matmuls (zeros for runs without it)."""
+
+    def post(y: torch.Tensor) -> torch.Tensor:
+        R = engine.R
+        methods = engine.methods("adapter")
+        if not any(m is not None and where in m.blocks for m in methods):
+            return y
+        first = next(m for m in methods if m is not None)
+        h, d = engine.info.hidden_size, first.bottleneck_dim
+
+        def blocks(m):
+            return m.blocks[where] if where in m.blocks else None
+
+        def params(attr, shape):
+            return engine.stack(("adapter", where, attr), "adapter",
+                                lambda m: [_attr(b, attr) for b in blocks(m)] if blocks(m) is not None else None,
+                                shape)[:, layer]
+
+        down_w, down_b = params("down.weight", (d, h)), params("down.bias", (d,))
+        up_w, up_b = params("up.weight", (h, d)), params("up.bias", (h,))
+        y3 = y.reshape(R, -1, h)
+        z = first.blocks[next(iter(first.blocks))][0].act(
+            torch.baddbmm(down_b.to(y3.dtype).unsqueeze(1), y3, down_w.to(y3.dtype).transpose(1, 2)))
+        update = torch.baddbmm(up_b.to(z.dtype).unsqueeze(1), z, up_w.to(z.dtype).transpose(1, 2)).view(y.shape)
+        gates = [blocks(m)[layer].gate if m is not None and blocks(m) is not None else None for m in methods]
+        values, gated = engine.input_gate(y, gates, f"adapter_{where}", layer)
+        if values is not None:
+            mult = torch.where(engine.rows(gated), values, torch.ones_like(values))
+            update = update * mult.to(update.dtype).view(-1, *([1] * (update.dim() - 1)))
+        return y + update
+
+    return post
+
+
+def _attr(module: nn.Module, dotted: str) -> torch.Tensor:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
 
 def _bind(block: Bottleneck, injector):
     return lambda y: block.apply(y, injector.mask, injector.state.cache)

@@ -66,6 +66,7 @@ class PeltMethod(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     trains_encoder: ClassVar[bool] = False
+    groupable: ClassVar[bool] = False  # True when the class implements attach_group (grouped training)
 
     def __init__(self, config: MethodConfig, info: EncoderInfo, gate_pooling: str = "masked") -> None:
         super().__init__()
@@ -78,6 +79,17 @@ class PeltMethod(nn.Module):
 
     def attach(self, injector: "Injector", task: str) -> None:  # noqa: F821 - see model.Injector
         """Register this method's callables at the encoder sites for `task`."""
+
+    @classmethod
+    def attach_group(cls, engine: "GroupEngine") -> None:  # noqa: F821 - see grouping.engine
+        """Register, once per group, callables that apply every member run's instance of this method to that run's
+        rows of a grouped batch (batched over runs; see unipelt/grouping/engine.py)."""
+        raise NotImplementedError(f"method {cls.name!r} cannot train in a group")
+
+    @classmethod
+    def group_key(cls, config: "MethodConfig") -> tuple:
+        """Settings that must be equal for runs of this method to share a group (shapes of stacked tensors)."""
+        return ()
 
     def gates(self) -> dict[str, list[Gate]]:
         """Gate modules by submodule name, one per layer (empty for ungated methods)."""

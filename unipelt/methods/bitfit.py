@@ -57,6 +57,51 @@ class BitFitMethod(PeltMethod):
     def gates(self) -> dict[str, list[Gate]]:
         return {"bitfit": list(self.gate_modules)} if self.gate_modules is not None else {}
 
+    # --- grouped training -------------------------------------------------------------------------------------
+    groupable = True
+
+    @classmethod
+    def group_key(cls, config: BitFitConfig) -> tuple:
+        if config.include_layernorm:
+            from ..grouping.engine import NotGroupable
+
+            raise NotGroupable("BitFit with include_layernorm=True is not grouped (it trains alone)")
+        return ()
+
+    @classmethod
+    def attach_group(cls, engine) -> None:
+        from ..grouping.engine import GROUP
+
+        bb = engine.injector.backbone
+        for i in range(engine.info.num_layers):
+            engine.layer_gate(i, "bitfit", cls.name,
+                              lambda m, i=i: m.gate_modules[i] if m.gate_modules is not None else None)
+            for role, (_, d_out) in engine.info.linear_shapes.items():
+                engine.injector.linear_site(i, role).add_delta(GROUP, _group_bias(engine, _key(role), d_out, i))
+            for path in bb.layer_norms:
+                engine.injector.site(i, path).add_delta(
+                    GROUP, _group_bias(engine, _key(path) + "__bias", engine.info.hidden_size, i))
+
+
+def _group_bias(engine, key: str, width: int, layer: int):
+    """Each run's bias delta (times its gate) on its own rows; zeros for runs without BitFit."""
+
+    def delta(x: torch.Tensor) -> torch.Tensor:
+        R, B = engine.R, engine.B
+        if all(m is None for m in engine.methods("bitfit")):
+            return 0.0
+        deltas = engine.stack(("bitfit", key), "bitfit", lambda m: [t[key] for t in m.layer_terms], (width,))
+        d = deltas[:, layer].unsqueeze(1)  # (R, 1, width)
+        values, gated = engine.gate(layer, "bitfit")
+        if values is not None:
+            mult = torch.where(engine.rows(gated), values, torch.ones_like(values)).view(R, B, 1)
+            d = d * mult.to(d.dtype)
+        else:
+            d = d.expand(R, B, width)
+        return d.reshape(R * B, *([1] * (x.dim() - 2)), width)
+
+    return delta
+
 
 def _bias_delta(delta: nn.Parameter, gate):
     def fn(x: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,66 @@ class LoraMethod(PeltMethod):
 
     def gates(self) -> dict[str, list[Gate]]:
         return {f"lora_{role}": list(gs) for role, gs in self.gate_modules.items()}
+
+    # --- grouped training -------------------------------------------------------------------------------------
+    groupable = True
+
+    @classmethod
+    def group_key(cls, config: LoraConfig) -> tuple:
+        if config.dropout:
+            raise _not_groupable(f"LoRA dropout {config.dropout} (per-run dropout on LoRA inputs is not grouped)")
+        return (config.r,)
+
+    @classmethod
+    def attach_group(cls, engine) -> None:
+        from ..grouping.engine import GROUP
+
+        roles = sorted({role for m in engine.member_methods(cls.name) for role in m.updates})
+        for role in roles:
+            for i in range(engine.info.num_layers):
+                engine.layer_gate(i, f"lora_{role}", cls.name,
+                                  lambda m, role=role, i=i: m.gate_modules[role][i] if role in m.gate_modules else None)
+                engine.injector.linear_site(i, role).add_delta(GROUP, _group_delta(engine, role, i))
+
+
+def _group_delta(engine, role: str, layer: int):
+    """s_r * B_r A_r x for each run r's rows (zeros for runs without LoRA on `role`), as two batched matmuls."""
+
+    def delta(x: torch.Tensor) -> torch.Tensor:
+        R = engine.R
+        d_in, d_out = engine.info.linear_shapes[role]
+        methods = engine.methods("lora")
+        if not any(m is not None and role in m.updates for m in methods):
+            return 0.0
+        r = next(m.config.r for m in methods if m is not None)
+
+        def updates(m):
+            return None if role not in m.updates else m.updates[role]
+
+        A = engine.stack(("lora_A", role), "lora", lambda m: [u.A for u in updates(m)] if updates(m) else None,
+                         (r, d_in))[:, layer]
+        B = engine.stack(("lora_B", role), "lora", lambda m: [u.B for u in updates(m)] if updates(m) else None,
+                         (d_out, r))[:, layer]
+        x3 = x.reshape(R, -1, d_in)
+        out = torch.bmm(torch.bmm(x3, A.to(x3.dtype).transpose(1, 2)), B.to(x3.dtype).transpose(1, 2))
+        out = out.view(x.shape[0], *x.shape[1:-1], d_out)
+        # Per-run multiplier: the gate (replace), gate * s (multiply) or s (no gate); 0 for runs without LoRA here.
+        scaling = engine.per_run(("lora_s", role), [m.config.scaling if m is not None and role in m.updates else 0.0
+                                                    for m in methods])
+        values, gated = engine.gate(layer, f"lora_{role}")
+        if values is None:
+            mult = engine.rows(scaling)
+        else:
+            multiply = engine.per_run("lora_multiply", [m is not None and m.config.gate_mode == "multiply"
+                                                        for m in methods]).bool()
+            run_gate_scale = torch.where(multiply, scaling, torch.ones_like(scaling))
+            mult = torch.where(engine.rows(gated), values * engine.rows(run_gate_scale), engine.rows(scaling))
+        return out * mult.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+
+    return delta
+
+
+def _not_groupable(reason: str):
+    from ..grouping.engine import NotGroupable
+
+    return NotGroupable(reason)

@@ -96,6 +96,45 @@ class PrefixMethod(PeltMethod):
     def gates(self) -> dict[str, list[Gate]]:
         return {"prefix": list(self.gate_modules)} if self.gate_modules is not None else {}
 
+    # --- grouped training -------------------------------------------------------------------------------------
+    groupable = True
+
+    @classmethod
+    def group_key(cls, config: PrefixConfig) -> tuple:
+        if config.dropout:
+            from ..grouping.engine import NotGroupable
+
+            raise NotGroupable(f"prefix dropout {config.dropout} is not grouped (it trains alone)")
+        return (config.length,)
+
+    @classmethod
+    def attach_group(cls, engine) -> None:
+        members = engine.member_methods(cls.name)
+        length = members[0].config.length
+        info = engine.info
+        for i in range(info.num_layers):
+            engine.layer_gate(i, "prefix", cls.name,
+                              lambda m, i=i: m.gate_modules[i] if m.gate_modules is not None else None)
+
+        def provide(layer: int):
+            R, B = engine.R, engine.B
+            methods = engine.methods(cls.name)
+            if all(m is None for m in methods):
+                return None
+            states = engine.stack("prefix_states", cls.name, lambda m: [m.prefix_states()],
+                                  (info.num_layers, 2, length, info.hidden_size))[:, 0]  # (R, L, 2, P, h)
+            kv = states[:, layer].view(R, 2, length, info.num_heads, info.head_dim).permute(1, 0, 3, 2, 4)
+            k = kv[0].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
+            v = kv[1].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
+            values, gated = engine.gate(layer, "prefix")
+            if values is not None:
+                g = torch.where(engine.rows(gated), values, torch.ones_like(values)).view(-1, 1, 1, 1)
+                k, v = k * g.to(k.dtype), v * g.to(v.dtype)
+            has = engine.per_run("has_prefix", [m is not None for m in methods]).bool()
+            return k, v, has
+
+        engine.set_prefix_provider(length, provide)
+
     def size_report(self) -> dict[str, int]:
         cfg, info = self.config, self.info
         folded = info.num_layers * 2 * cfg.length * info.hidden_size

@@ -341,12 +341,16 @@ class Trainer:
             raise TrainingDiverged(step, epoch)
 
     def _write_log(self, history: list[dict]) -> None:
-        """Rewrite `log.csv` (one row per finished epoch) atomically from the history."""
-        if not history:
-            (self.run_dir / "log.csv").unlink(missing_ok=True)
-            return
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
-        atomic_write_text(self.run_dir / "log.csv", buffer.getvalue())
+        write_log(self.run_dir, history)
+
+
+def write_log(run_dir, history: list[dict]) -> None:
+    """Rewrite `<run_dir>/log.csv` (one row per finished epoch) atomically from the history."""
+    if not history:
+        (run_dir / "log.csv").unlink(missing_ok=True)
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "log.csv", buffer.getvalue())

@@ -1,0 +1,330 @@
+"""One forward for many runs: the frozen encoder runs once over the stacked batches of R runs.
+
+Each run is a task of one `PeltModel` (its own modules, gates and head). A grouped batch holds B rows per run,
+run after run: rows [r*B, (r+1)*B) belong to run r. While the engine's forward runs, the model's active task is
+`GROUP`, and every site calls the group's callables instead of one task's: each method stacks its per-run
+parameters (zeros for runs without that method, which add exactly nothing) and applies them with batched
+matmuls over runs, so the number of kernels per step does not grow with R.
+
+Methods take part through `PeltMethod.attach_group(engine)` (one per method file, like `attach`); the engine
+supplies the stacking, the per-run gates and the per-run dropout (see noise.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from ..gates import Gate
+from ..methods import method_class
+from ..model import PeltModel
+from .noise import NoiseBatch, NoiseLayout, apply_dropout
+
+GROUP = "__group__"
+
+
+class NotGroupable(ValueError):
+    """A run (or a pair of runs) that cannot share a grouped forward; the message says why."""
+
+
+@dataclass
+class GroupStep:
+    runs: list[str]
+    rows: int
+    noise: NoiseBatch | None
+    collect_gates: bool = False
+
+
+class GroupEngine:
+    def __init__(self, model: PeltModel, members: list[str], max_length: int) -> None:
+        self.model = model
+        self.injector = model.injector
+        self.info = model.info
+        self.members = list(members)
+        self.max_length = max_length
+        if len(set(members)) != len(members) or not members:
+            raise ValueError(f"a group needs distinct member tasks, got {members}")
+        check_compatible([model.tasks[m].config for m in members])
+        self.method_names = sorted({n for m in members for n in model.tasks[m].methods})
+        self._layer_gates: dict[int, list[tuple[str, str, object]]] = {}
+        self._prefix_provider = None
+        self.prefix_length = 0
+        self.step: GroupStep | None = None
+        self.gate_log: dict[str, list[torch.Tensor | None]] = {}
+        for name in self.method_names:
+            method_class(name).attach_group(self)
+        self._attach_dropout_and_attention()
+        cfg = model.encoder.config
+        self.noise_layout = NoiseLayout(self.info.hidden_size, self.info.num_heads, self.info.num_layers, max_length,
+                                        self.prefix_length)
+        self.hidden_p = float(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
+        self.probs_p = float(getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0)
+
+    # --- what methods use -------------------------------------------------------------------------------------
+    @property
+    def R(self) -> int:
+        return len(self.step.runs)
+
+    @property
+    def B(self) -> int:
+        return self.step.rows
+
+    def methods(self, name: str) -> list:
+        """The live runs' instances of method `name` (None for runs without it), in row order."""
+        return [self.model.tasks[r].methods[name] if name in self.model.tasks[r].methods else None
+                for r in self.step.runs]
+
+    def member_methods(self, name: str) -> list:
+        return [self.model.tasks[m].methods[name] for m in self.members if name in self.model.tasks[m].methods]
+
+    def cached(self, key, build):
+        cache = self.model.state.cache
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def stack(self, key, name: str, tensors, shape: tuple) -> torch.Tensor:
+        """(R, n, *shape): `tensors(method)` gives the n tensors of one run (e.g. one per layer), or None for a run
+        that lacks them (zeros, no gradient). One stacking kernel per forward, shared by all layers."""
+
+        def build():
+            per_run = [tensors(m) if m is not None else None for m in self.methods(name)]
+            n = next(len(t) for t in per_run if t is not None)
+            like = next(t[0] for t in per_run if t is not None)
+            zero = like.new_zeros(shape)
+            flat = [t for ts in per_run for t in (ts if ts is not None else [zero] * n)]
+            return torch.stack(flat).view(len(per_run), n, *shape)
+
+        return self.cached(("stack", key), build)
+
+    def per_run(self, key, values) -> torch.Tensor:
+        """A (R,) float tensor on the model's device from one Python number per live run (cached per forward)."""
+        return self.cached(("per_run", key), lambda: torch.tensor(values, dtype=torch.float32, device=self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.encoder.parameters()).device
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """(R,) per-run values -> (R*B,) per-row values."""
+        return values.repeat_interleave(self.B)
+
+    def layer_gate(self, layer: int, kind: str, method_name: str, getter) -> None:
+        """Register a gate kind reading layer `layer`'s input; `getter(method)` gives a run's Gate or None."""
+        self._layer_gates.setdefault(layer, []).append((kind, method_name, getter))
+
+    def gate(self, layer: int, kind: str):
+        """(values (R*B,) float, gated (R,) bool) of a layer-input gate kind; runs without that gate get 1."""
+        table = self.cached(("layer_gates", layer), lambda: self._layer_gate_values(layer))
+        return table[kind]
+
+    def _layer_gate_values(self, layer: int) -> dict:
+        kinds = self._layer_gates.get(layer, [])
+        per_kind = [[getter(m) if m is not None else None for m in self.methods(method_name)]
+                    for _, method_name, getter in kinds]
+        if not any(g is not None for gates in per_kind for g in gates):
+            none = self._finish_gate("", layer, None, [False] * self.R)
+            return {kind: none for kind, _, _ in kinds}
+        x = self.injector.layer_input(layer)
+        values = self.gate_values(x, per_kind)  # (R*B, n)
+        out = {}
+        for j, (kind, _, _) in enumerate(kinds):
+            gated = [g is not None for g in per_kind[j]]
+            out[kind] = self._finish_gate(kind, layer, values[:, j], gated)
+        return out
+
+    def input_gate(self, x: torch.Tensor, gates: list, kind: str, layer: int):
+        """Gate values of per-run gates reading `x` itself (e.g. an adapter's input)."""
+        if all(g is None for g in gates):
+            return self._finish_gate(kind, layer, None, [False] * self.R)
+        values = self.gate_values(x, [gates])[:, 0]
+        return self._finish_gate(kind, layer, values, [g is not None for g in gates])
+
+    def _finish_gate(self, kind: str, layer: int, values: torch.Tensor, gated: list[bool]):
+        gated_t = self.cached(("gated", tuple(gated)), lambda: torch.tensor(gated, device=self.device))
+        if not any(gated):
+            return None, gated_t
+        if self.step.collect_gates:
+            log = self.gate_log.setdefault(kind, [None] * self.info.num_layers)
+            log[layer] = values.detach()
+        return values, gated_t
+
+    def gate_values(self, x: torch.Tensor, per_kind: list[list[Gate | None]]) -> torch.Tensor:
+        """(R*B, n): mean over real tokens of sigmoid(w . x + b), one column per gate kind, batched over runs."""
+        R, B = self.R, self.B
+        h = x.shape[-1]
+        weights, biases = [], []
+        zero_w, zero_b = None, None
+        for r in range(R):
+            for gates in per_kind:
+                g = gates[r]
+                if g is None:
+                    if zero_w is None:
+                        zero_w, zero_b = x.new_zeros(1, h, dtype=torch.float32), x.new_zeros(1, dtype=torch.float32)
+                    weights.append(zero_w)
+                    biases.append(zero_b)
+                else:
+                    weights.append(g.proj.weight)
+                    biases.append(g.proj.bias)
+        n = len(per_kind)
+        w = torch.cat(weights).view(R, n, h)
+        b = torch.cat(biases).view(R, 1, n)
+        T = x.shape[1]
+        logits = torch.baddbmm(b.to(x.dtype), x.reshape(R, B * T, h), w.to(x.dtype).transpose(1, 2))
+        per_token = torch.sigmoid(logits).view(R * B, T, n)
+        pool = self.cached(("pool", T, per_token.dtype), lambda: self._pool_weights(T, per_token.dtype))
+        return torch.bmm(pool, per_token).squeeze(1)
+
+    def _pool_weights(self, T: int, dtype) -> torch.Tensor:
+        mask = self.model.state.mask
+        if mask is None:
+            return torch.full((self.R * self.B, 1, T), 1.0 / T, device=self.device, dtype=dtype)
+        return (mask / mask.sum(1, keepdim=True).clamp_min(1)).to(dtype).unsqueeze(1)
+
+    def set_prefix_provider(self, length: int, provider) -> None:
+        """`provider(layer)` -> (k, v) of shape (R*B, H, P, D) and a (R,) bool of runs that have a prefix."""
+        self.prefix_length = length
+        self._prefix_provider = provider
+
+    # --- dropout and attention --------------------------------------------------------------------------------
+    def _attach_dropout_and_attention(self) -> None:
+        bb = self.injector.backbone
+        self.injector.root_site(bb.embedding_dropout).set_replace(GROUP, self._dropout("emb"))
+        for i in range(self.info.num_layers):
+            self.injector.site(i, bb.attn_output_site).set_replace(GROUP, self._dropout(("attn", i)))
+            self.injector.site(i, bb.ffn_output_site).set_replace(GROUP, self._dropout(("ffn", i)))
+            self.injector.attention_site(i).set_replace(GROUP, self._attention(i))
+
+    def _dropout(self, name):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            noise = self.step.noise
+            if noise is None or self.hidden_p == 0:
+                return x
+            return apply_dropout(x, noise.hidden_keep(name, self.hidden_p, x.shape[1]), self.hidden_p)
+
+        return fn
+
+    def _key_mask(self, prefix: int, has_prefix: torch.Tensor | None):
+        """(R*B, 1, 1, P+T) bool: real tokens, and prefix positions for rows of runs that have a prefix."""
+        mask = self.model.state.mask
+        if mask is None and not prefix:
+            return None
+
+        def build():
+            keep = mask > 0 if mask is not None else None
+            if not prefix:
+                return keep[:, None, None, :]
+            cols = self.rows(has_prefix.float()).bool()[:, None].expand(-1, prefix)
+            if keep is None:
+                keep = cols.new_ones(cols.shape[0], self.model.state.layer_inputs[0].shape[1])
+            return torch.cat([cols, keep], dim=1)[:, None, None, :]
+
+        return self.cached(("key_mask", prefix), build)
+
+    def _attention(self, layer: int):
+        def fn(site, hidden: torch.Tensor, **kwargs):
+            q, k, v = site.projections(hidden)
+            prefix, has_prefix = 0, None
+            provided = self._prefix_provider(layer) if self._prefix_provider is not None else None
+            if provided is not None:
+                pk, pv, has_prefix = provided
+                prefix = pk.shape[2]
+                k = torch.cat([pk.to(k.dtype), k], dim=2)
+                v = torch.cat([pv.to(v.dtype), v], dim=2)
+            mask = self._key_mask(prefix, has_prefix)
+            scale = site.head_dim ** -0.5
+            noise = self.step.noise
+            if noise is None or self.probs_p == 0:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
+                scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                probs = torch.softmax(scores.float(), dim=-1)
+                keep = noise.probs_keep(layer, self.probs_p, q.shape[2], prefix)
+                probs = apply_dropout(probs, keep, self.probs_p)
+                out = torch.matmul(probs.to(v.dtype), v)
+            n, _, t, _ = out.shape
+            return out.transpose(1, 2).reshape(n, t, site.num_heads * site.head_dim), None
+
+        return fn
+
+    # --- the forward ------------------------------------------------------------------------------------------
+    def forward(self, runs: list[str], input_ids, attention_mask=None, token_type_ids=None,
+                noise: NoiseBatch | None = None, collect_gates: bool = False) -> torch.Tensor:
+        """Logits (R*B, C) for a batch of B rows per run in `runs` (a subset of the members, in row order)."""
+        if input_ids.shape[0] % len(runs):
+            raise ValueError(f"{input_ids.shape[0]} rows do not split evenly over {len(runs)} runs")
+        unknown = [r for r in runs if r not in self.members]
+        if unknown:
+            raise ValueError(f"runs {unknown} are not members of this group")
+        state = self.model.state
+        previous = state.active
+        self.step = GroupStep(list(runs), input_ids.shape[0] // len(runs), noise, collect_gates)
+        if collect_gates:
+            self.gate_log = {}
+        state.begin(attention_mask, self.model.encoder.dtype)
+        state.active = GROUP
+        try:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = self.model.encoder(**kwargs).last_hidden_state
+            return self._heads(hidden)
+        finally:
+            state.active = previous
+
+    def _heads(self, hidden: torch.Tensor) -> torch.Tensor:
+        R, B = self.R, self.B
+        heads = [self.model.tasks[r].head for r in self.step.runs]
+        h = hidden.shape[-1]
+        C = heads[0].num_labels
+        dense_w = torch.stack([hd.dense.weight for hd in heads])  # (R, h, h)
+        dense_b = torch.stack([hd.dense.bias for hd in heads]).unsqueeze(1)
+        out_w = torch.stack([hd.out.weight for hd in heads])  # (R, C, h)
+        out_b = torch.stack([hd.out.bias for hd in heads]).unsqueeze(1)
+        x = hidden[:, 0].reshape(R, B, h)
+        noise = self.step.noise
+        p = self.per_run("head_p", [hd.dropout.p for hd in heads]).view(R, 1, 1)
+        if noise is not None:
+            x = apply_dropout(x, noise.head_keep("head1", p.view(-1)), p.to(x.dtype))
+        x = torch.tanh(torch.baddbmm(dense_b.to(x.dtype), x, dense_w.to(x.dtype).transpose(1, 2)))
+        if noise is not None:
+            x = apply_dropout(x, noise.head_keep("head2", p.view(-1)), p.to(x.dtype))
+        logits = torch.baddbmm(out_b.to(x.dtype), x, out_w.to(x.dtype).transpose(1, 2))
+        return logits.reshape(R * B, C)
+
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) mean loss of each run over its valid rows (cross-entropy, or MSE for one output)."""
+        R = self.R
+        if logits.shape[-1] == 1:
+            per_row = (logits.squeeze(-1).float() - labels.float()) ** 2
+        else:
+            per_row = F.cross_entropy(logits.float(), labels.long(), reduction="none")
+        per_row = per_row.view(R, -1)
+        if valid is None:
+            return per_row.mean(1)
+        valid = valid.view(R, -1).to(per_row.dtype)
+        return (per_row * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+    def close(self) -> None:
+        """Remove the group's callables from the encoder sites (the runs' own modules stay)."""
+        self.injector.remove_task(GROUP)
+
+
+def check_compatible(configs: list) -> None:
+    """Raise NotGroupable when the runs' method settings cannot share one grouped forward."""
+    if any(c.gate_pooling != "masked" for c in configs):
+        raise NotGroupable("gate_pooling='all' averages gates over padding, which a group's shared padding would "
+                           "change; only gate_pooling='masked' runs can be grouped")
+    seen: dict[str, tuple] = {}
+    for cfg in configs:
+        for name, mcfg in cfg.methods.items():
+            cls = method_class(name)
+            if not cls.groupable:
+                raise NotGroupable(f"method {name!r} has no grouped implementation (it trains alone)")
+            key = cls.group_key(mcfg)
+            if name in seen and seen[name] != key:
+                raise NotGroupable(f"method {name!r}: runs with {seen[name]} and {key} cannot share a group")
+            seen[name] = key
+

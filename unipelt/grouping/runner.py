@@ -1,0 +1,291 @@
+"""Run many experiments as groups: plan -> split into compatible groups -> train each group -> one record per run.
+
+Runs share a group only when they can share the encoder's forward exactly: same encoder (path, layers), task,
+K, data folder and dev size, max length, batch size and precision, and method settings whose stacked tensors
+agree (engine.check_compatible). Anything else is split into another group, never merged. Runs the grouped
+engine does not cover (full fine-tuning, train.compile / cuda_graph / fp16, gate_pooling=all, ...) train alone
+with the per-run trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ..plan import ConfigError, RunInProgress, RunPlan, plan, preflight
+from ..training.record import RECORD_FILE, is_complete, peak_memory, write_record
+from .engine import NotGroupable, check_compatible
+
+log = logging.getLogger("unipelt.group")
+
+CPU_MAX_RUNS = 16
+GPU_MAX_RUNS = 64
+
+
+@dataclass
+class Outcome:
+    """What happened to one requested run."""
+
+    run_id: str | None
+    status: str  # complete | failed | skipped | error
+    record: dict | None = None
+    message: str = ""
+
+
+def solo_reason(p: RunPlan, cfg: DictConfig) -> str | None:
+    """Why a run must train alone with the per-run trainer (None: it can train in a group)."""
+    group = cfg.get("group") or {}
+    s = p.settings
+    if not group.get("enabled", True):
+        return "group.enabled=false"
+    if any(name == "finetune" for name in p.pelt.methods):
+        return "full fine-tuning trains the encoder, which a group shares"
+    if s.compile is not False or s.cuda_graph:
+        return "train.compile / train.cuda_graph use the per-run trainer"
+    if s.mixed_precision == "fp16":
+        return "fp16 needs a per-run GradScaler"
+    if p.init_modules is not None:
+        return "init.modules starts from saved modules (per-run trainer)"
+    try:
+        check_compatible([p.pelt])
+    except NotGroupable as err:
+        return str(err)
+    return None
+
+
+def group_key(p: RunPlan) -> tuple:
+    """What runs must share to go through one forward (method compatibility is checked on top of this)."""
+    s = p.settings
+    return (str(p.model_path), p.model_name, p.num_layers, p.spec.name, str(p.k), str(p.data_dir), p.dev_size,
+            p.max_length, s.batch_size, s.mixed_precision)
+
+
+def partition(plans: list[RunPlan], max_runs: int) -> list[list[RunPlan]]:
+    """Compatible groups of at most `max_runs`, in first-seen order (greedy: a run joins the first open group
+    whose key matches and whose methods it can share a forward with)."""
+    groups: list[list[RunPlan]] = []
+    for p in plans:
+        for g in groups:
+            if len(g) < max_runs and group_key(g[0]) == group_key(p):
+                try:
+                    check_compatible([q.pelt for q in g] + [p.pelt])
+                except NotGroupable:
+                    continue
+                g.append(p)
+                break
+        else:
+            groups.append([p])
+    return groups
+
+
+def auto_max_runs(plans: list[RunPlan], device: torch.device, model_cfg=None) -> int:
+    """Runs per group from free device memory: activations of one run's training step (with its dropout noise)
+    estimated from the encoder's shape, times a safety factor; CPU groups stay at CPU_MAX_RUNS."""
+    if device.type != "cuda":
+        return CPU_MAX_RUNS
+    free, _ = torch.cuda.mem_get_info(device)
+    per_run = max(estimate_run_bytes(p, model_cfg) for p in plans)
+    return max(1, min(GPU_MAX_RUNS, int(0.5 * free // per_run)))
+
+
+def estimate_run_bytes(p: RunPlan, model_cfg=None) -> int:
+    """Rough bytes one run adds to a grouped step: saved activations (about 20 hidden-sized tensors and 3
+    score-sized ones per layer per token, 2-4 bytes each) plus its dropout noise (2 bytes per element)."""
+    h = getattr(model_cfg, "hidden_size", 768)
+    layers = p.num_layers or getattr(model_cfg, "num_hidden_layers", 12)
+    heads = getattr(model_cfg, "num_attention_heads", 12)
+    tokens = p.settings.batch_size * p.max_length
+    per_layer = tokens * (20 * h * 3 + 3 * heads * p.max_length * 3)
+    noise = tokens * layers * (2 * h + heads * p.max_length) * 2
+    return int(layers * per_layer + noise + 64 * 2**20)
+
+
+def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = None, device: str | None = None,
+                 max_runs: int | None = None, progress: bool | None = None) -> list[Outcome]:
+    """Run every config; groupable runs in groups, the rest alone. Never raises for one run's problem: each
+    config gets an Outcome (bad settings: 'error' with the message, nothing touched)."""
+    from ..run import USER_ERRORS, _message, _skip_complete, execute_single
+
+    outcomes: list[Outcome | None] = [None] * len(cfgs)
+    grouped: list[tuple[int, RunPlan]] = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            p = plan(cfg)
+            p.overrides = None if overrides is None else list(overrides[i])
+            if not p.force and _skip_complete(p, p.run_dir / RECORD_FILE):
+                outcomes[i] = Outcome(p.run_id, "skipped")
+                continue
+            reason = solo_reason(p, cfg)
+            if reason is None:
+                preflight(p)
+                grouped.append((i, p))
+                continue
+        except USER_ERRORS as err:
+            outcomes[i] = Outcome(None, "error", message=_message(err))
+            continue
+        log.info("%s trains alone: %s", p.run_id, reason)
+        outcomes[i] = _run_alone(cfg, p, execute_single)
+    if grouped:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        plans = [p for _, p in grouped]
+        limit = max_runs or _config_max_runs(cfgs[grouped[0][0]]) or auto_max_runs(plans, dev)
+        index = {id(p): i for i, p in grouped}
+        for members in partition(plans, limit):
+            show = progress if progress is not None else bool(cfgs[index[id(members[0])]].output.progress)
+            for p, outcome in zip(members, run_group(members, dev, show)):
+                outcomes[index[id(p)]] = outcome
+    return outcomes
+
+
+def _config_max_runs(cfg) -> int | None:
+    value = (cfg.get("group") or {}).get("max_runs")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"group.max_runs must be a positive integer or null (automatic), got {value!r}")
+    return value
+
+
+def _run_alone(cfg, p: RunPlan, execute_single) -> Outcome:
+    from ..run import USER_ERRORS, RunFailed, _message
+
+    try:
+        record = execute_single(cfg, p)
+    except RunFailed as err:
+        return Outcome(p.run_id, "failed", message=str(err))
+    except USER_ERRORS as err:
+        return Outcome(p.run_id, "error", message=_message(err))
+    return Outcome(p.run_id, "skipped" if record is None else "complete", record)
+
+
+def _task_name(i: int) -> str:
+    return f"run{i}"
+
+
+def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False) -> list[Outcome]:
+    """Train one compatible group; every run gets a record (complete or failed) or an Outcome saying why not."""
+    from ..data import build_task_data
+    from ..encoders import load_encoder, load_tokenizer
+    from ..io import save_task
+    from ..model import PeltModel
+    from ..run import _write_failed, complete_record, done_message, start_record
+    from ..training.batching import encode
+    from ..training.checkpoint import Checkpointer
+    from ..training.lock import run_lock
+    from .trainer import GroupRun, GroupTrainer
+
+    outcomes = {p.run_id: None for p in plans}
+    with contextlib.ExitStack() as locks:
+        members = []
+        for p in plans:
+            try:
+                locks.enter_context(run_lock(p.run_dir))
+            except RunInProgress as err:
+                outcomes[p.run_id] = Outcome(p.run_id, "error", message=str(err))
+                continue
+            if not p.force and is_complete(p.run_dir / RECORD_FILE):  # finished by another process meanwhile
+                outcomes[p.run_id] = Outcome(p.run_id, "skipped")
+                continue
+            if p.force:
+                Checkpointer(p.run_dir / "checkpoint").clear()
+            members.append(p)
+        if not members:
+            return [outcomes[p.run_id] for p in plans]
+        first = members[0]
+        if first.threads:
+            torch.set_num_threads(first.threads)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            tokenizer = load_tokenizer(first.model_path)
+            model = PeltModel(load_encoder(first.model_path, num_layers=first.num_layers))
+        except OSError as err:
+            raise ConfigError(f"model {first.model_name!r}: {err}") from None
+        model.to(device)
+        runs, records, tests = [], {}, None
+        for i, p in enumerate(members):
+            data = build_task_data(p.spec, p.k, p.data_seed, p.data_dir, p.dev_size)
+            name = _task_name(i)
+            torch.manual_seed(p.settings.seed)  # a run's initial modules depend on its seed alone, not its group
+            model.add_task(name, p.pelt, p.spec.num_labels, activate=False)
+            p.run_dir.mkdir(parents=True, exist_ok=True)
+            records[name] = start_record(None, p, data, model, name, str(device), group_size=len(members))
+            if tests is None:  # the test sets (GLUE dev) are the same for every run of the task
+                tests = {split: encode(ds, p.spec, tokenizer, p.max_length) for split, ds in data.test.items()}
+            runs.append(GroupRun(name, p.spec, p.settings, encode(data.train, p.spec, tokenizer, p.max_length),
+                                 encode(data.dev, p.spec, tokenizer, p.max_length), p.run_dir, p.config))
+        plan_of = {_task_name(i): p for i, p in enumerate(members)}
+        trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
+                               first.settings.mixed_precision, progress=progress)
+        if len(runs) > 1:
+            print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}) on {device}", flush=True)
+
+        def finished(done: list[GroupRun]) -> None:
+            ok = [r for r in done if r.status == "done"]
+            for r in done:
+                if r.status == "failed":
+                    _fail(r, plan_of[r.name], records[r.name], diverged=True)
+                    outcomes[plan_of[r.name].run_id] = Outcome(plan_of[r.name].run_id, "failed",
+                                                               records[r.name], str(r.failure))
+            if not ok:
+                return
+            t0 = time.perf_counter()
+            metrics = [dict() for _ in ok]
+            gates = [dict() for _ in ok]
+            for j, (split, enc) in enumerate(tests.items()):
+                split_metrics, split_gates = trainer.evaluate_shared(ok, enc, split=split, gate_stats=(j == 0))
+                for m, g, sm, sg in zip(metrics, gates, split_metrics, split_gates):
+                    m.update(sm)
+                    if j == 0:
+                        g.update(sg)
+            test_time = time.perf_counter() - t0
+            n_test = sum(len(enc) for enc in tests.values())
+            for r, m, g in zip(ok, metrics, gates):
+                p = plan_of[r.name]
+                fit = r.result
+                record = complete_record(records[r.name], p, fit, m, g, r.state["eval_time"] + test_time / len(ok),
+                                         test_time / len(ok) / max(n_test, 1), peak_memory(device))
+                if p.config and (p.config.get("output") or {}).get("save_modules", True):
+                    save_task(model, p.run_dir / "modules", task=r.name, save_as=p.spec.name,
+                              extra={"run_id": p.run_id, "best_epoch": fit.best_epoch})
+                write_record(p.run_dir / RECORD_FILE, record)
+                r.checkpoints.clear()
+                outcomes[p.run_id] = Outcome(p.run_id, "complete", record)
+                print(done_message(p, record, fit), flush=True)
+
+        try:
+            trainer.fit(on_finished=finished)
+        except Exception as err:  # OOM, a full disk, a bug: every unfinished run gets a failed record, checkpoints
+            # stay (every saved epoch is sound), so re-running the same command resumes them
+            tb = traceback.format_exc(limit=20)
+            for r in runs:
+                p = plan_of[r.name]
+                if outcomes[p.run_id] is None:
+                    failure = {"error": f"{type(err).__name__}: {err}", "type": type(err).__name__,
+                               "step": r.state.get("step"), "epoch": r.state.get("epoch"), "traceback": tb}
+                    _write_failed(p.run_dir / RECORD_FILE, records[r.name], r, failure)
+                    outcomes[p.run_id] = Outcome(p.run_id, "failed", records[r.name],
+                                                 f"{p.run_id}: {type(err).__name__}: {err}; the last checkpoint is "
+                                                 f"kept, so re-running resumes")
+        finally:
+            trainer.close()
+            del model, trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return [outcomes[p.run_id] for p in plans]
+
+
+def _fail(run, p: RunPlan, record: dict, diverged: bool) -> None:
+    from ..run import _write_failed
+
+    err = run.failure
+    run.checkpoints.clear()  # a retry under the same settings would diverge again: start over
+    failure = {"error": str(err), "type": "TrainingDiverged", "step": err.step, "epoch": err.epoch}
+    _write_failed(p.run_dir / RECORD_FILE, record, run, failure)
+    print(f"failed {p.run_id}: {err}", flush=True)
+

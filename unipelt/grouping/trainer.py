@@ -1,0 +1,388 @@
+"""Train R runs at once through one frozen encoder: one grouped forward and one backward per step.
+
+Each run keeps everything a run trained alone has (training/trainer.py): its own AdamW, linear schedule and
+learning rate, its data order (a function of its seed and epoch), its dropout stream (grouping/noise.py), early
+stopping, best state, checkpoints (the same files as a run trained alone) and log.csv. Runs advance one epoch per
+round; a run that stops (early stopping, epochs, max_steps) or diverges leaves the group and the others go on.
+Resumed runs rejoin at their own epoch, so the runs of one group need not be at the same epoch.
+
+Rows are independent through the frozen encoder and each run's loss depends only on its own parameters, so the
+sum of the runs' losses gives every run exactly the gradient it would get alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import TaskSpec
+from ..metrics import compute_metrics, main_score
+from ..model import PeltModel
+from ..training.batching import Encoded, epoch_order
+from ..training.checkpoint import Checkpointer, load_optimizer_state
+from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
+from .engine import GroupEngine
+from .noise import NoiseBatch, RunNoise
+
+log = logging.getLogger("unipelt.group")
+
+
+@dataclass
+class GroupRun:
+    """One member of a group: its task name in the shared model, data, settings and files."""
+
+    name: str
+    spec: TaskSpec
+    settings: TrainSettings
+    train: Encoded
+    dev: Encoded
+    run_dir: Path
+    config: dict | None = None
+    # live state, filled by the trainer
+    status: str = "live"  # live | done | failed
+    failure: BaseException | None = None
+    state: dict = field(default_factory=dict)
+    best_state: dict | None = None
+    result: FitResult | None = None
+
+
+class RowBank:
+    """Token rows of several splits padded once and kept on the device; a batch is one gather."""
+
+    def __init__(self, splits: list[Encoded], pad_id: int, device) -> None:
+        rows = [ids for split in splits for ids in split.input_ids]
+        types = [t for split in splits for t in (split.token_type_ids or [[0] * len(i) for i in split.input_ids])]
+        self.lengths = [len(r) for r in rows]
+        width = max(self.lengths)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        tt = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, t) in enumerate(zip(rows, types)):
+            ids[i, : len(r)] = torch.tensor(r)
+            tt[i, : len(t)] = torch.tensor(t)
+        self.has_types = any(split.token_type_ids is not None for split in splits)
+        self.offsets = []
+        start = 0
+        for split in splits:
+            self.offsets.append(start)
+            start += len(split)
+        self.ids = ids.to(device)
+        self.types = tt.to(device) if self.has_types else None
+        self.labels = torch.cat([split.labels for split in splits]).to(device)
+        self.device = device
+
+    def batch(self, rows: list[int]) -> dict:
+        width = max(self.lengths[i] for i in rows)
+        index = torch.tensor(rows, device=self.device)
+        ids = self.ids.index_select(0, index)[:, :width]
+        lengths = torch.tensor([self.lengths[i] for i in rows], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] < lengths[:, None]).long()
+        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels.index_select(0, index)}
+        if self.types is not None:
+            out["token_type_ids"] = self.types.index_select(0, index)[:, :width]
+        return out
+
+
+class GroupTrainer:
+    def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
+                 mixed_precision: str = "no", progress: bool = True) -> None:
+        if mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
+        self.model = model
+        self.runs = runs
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.mixed_precision = mixed_precision
+        self.progress = progress
+        self.engine = GroupEngine(model, [r.name for r in runs], max_length)
+        self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
+        self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
+        self.group_size = len(runs)
+        self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
+
+    def _trainable(self, run: GroupRun) -> dict[str, torch.nn.Parameter]:
+        return self.model.trainable_named_parameters(run.name)
+
+    def _snapshot(self, run: GroupRun) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self._trainable(run).items()}
+
+    def _load_trainable(self, run: GroupRun, tensors: dict) -> None:
+        with torch.no_grad():
+            for k, p in self._trainable(run).items():
+                p.copy_(tensors[k].to(p.device, p.dtype))
+
+    def _optimizer(self, run: GroupRun, steps_per_epoch: int):
+        from transformers import get_linear_schedule_with_warmup
+
+        s = run.settings
+        params = list(self._trainable(run).values())
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=fused or None)
+        total = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(s.warmup_ratio * total), max(total, 1))
+        return optimizer, scheduler
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], sizes: list[int], batch_size: int,
+                num_labels: int, gate_stats: bool = False):
+        """Predictions of each run on its own split (rows `offsets[i]` .. + `sizes[i]` of `bank`), in the split's
+        order; runs go through the encoder together, batch_size rows each, sorted by length like a run alone."""
+        self.model.eval()
+        orders = [sorted(range(n), key=lambda i, o=o: bank.lengths[o + i]) for o, n in zip(offsets, sizes)]
+        outputs = [torch.empty(n, num_labels) for n in sizes]
+        sums: list[dict] = [{} for _ in runs]
+        names = [r.name for r in runs]
+        for start in range(0, max(sizes), batch_size):
+            chunks = [order[start:start + batch_size] for order in orders]
+            width = max(len(c) for c in chunks)
+            rows, valid = [], []
+            for o, chunk, order in zip(offsets, chunks, orders):
+                filler = chunk[:1] or order[:1]
+                rows += [o + i for i in chunk] + [o + filler[0]] * (width - len(chunk))
+                valid.append(len(chunk))
+            batch = bank.batch(rows)
+            batch.pop("labels")
+            with self.autocast():
+                logits = self.engine.forward(names, **batch, collect_gates=gate_stats).float().cpu()
+            for r, (chunk, n) in enumerate(zip(chunks, valid)):
+                if n:
+                    outputs[r][torch.tensor(chunk)] = logits[r * width:r * width + n]
+            if gate_stats:
+                self._add_gate_sums(sums, runs, valid, width)
+        preds = []
+        for out in outputs:
+            preds.append(out.squeeze(-1).numpy() if num_labels == 1 else out.argmax(-1).numpy())
+        gates = [{k: (v / n).tolist() for k, v in s.items()} for s, n in zip(sums, sizes)]
+        return preds, gates
+
+    def _add_gate_sums(self, sums: list[dict], runs: list[GroupRun], valid: list[int], width: int) -> None:
+        """Add each run's per-layer gate sums of the last forward (only the gate kinds the run has)."""
+        for kind, per_layer in self.engine.gate_log.items():
+            if any(g is None for g in per_layer):
+                continue
+            values = torch.stack([g.float() for g in per_layer]).view(len(per_layer), len(runs), width).cpu()
+            for r, (run, n) in enumerate(zip(runs, valid)):
+                if n and kind in self._gate_kinds(run):
+                    sums[r][kind] = sums[r].get(kind, 0) + values[:, r, :n].sum(-1)
+
+    def _gate_kinds(self, run: GroupRun) -> set:
+        return {k for m in self.model.tasks[run.name].methods.values() for k in m.gates()}
+
+    def evaluate_dev(self, runs: list[GroupRun]) -> list[dict]:
+        index = {r.name: i for i, r in enumerate(self.runs)}
+        offsets = [self.dev_bank.offsets[index[r.name]] for r in runs]
+        preds, _ = self.predict(runs, self.dev_bank, offsets, [len(r.dev) for r in runs],
+                                runs[0].settings.eval_batch_size, runs[0].spec.num_labels)
+        return [compute_metrics(r.spec, p, r.dev.labels.numpy()) for r, p in zip(runs, preds)]
+
+    def evaluate_shared(self, runs: list[GroupRun], data: Encoded, split: str | None = None,
+                        gate_stats: bool = False):
+        """Every run of `runs` on the same split (the GLUE test set): metrics and mean gates per run."""
+        bank = RowBank([data], self.pad_id, self.device)
+        preds, gates = self.predict(runs, bank, [0] * len(runs), [len(data)] * len(runs),
+                                    runs[0].settings.eval_batch_size, runs[0].spec.num_labels, gate_stats)
+        metrics = [compute_metrics(r.spec, p, data.labels.numpy(), split=split) for r, p in zip(runs, preds)]
+        return metrics, gates
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def fit(self, on_finished=None) -> None:
+        """Train until every run has stopped. `on_finished(runs)` is called after each round with the runs that
+        stopped in it (best state loaded, `run.result` set), so their test evaluation and records can be written
+        while the others train on. Diverged runs get status 'failed' and `run.failure` (a TrainingDiverged)."""
+        self._start()
+        live = [r for r in self.runs if r.status == "live"]
+        finished_now = [r for r in live if self._done(r)]
+        for r in finished_now:
+            self._finish(r)
+        if finished_now and on_finished:
+            on_finished(finished_now)
+        bar = tqdm(total=len(self.runs), desc=f"group of {len(self.runs)}", disable=not self.progress, leave=False)
+        while True:
+            live = [r for r in self.runs if r.status == "live"]
+            if not live:
+                break
+            self._round(live)
+            finished = [r for r in live if r.status == "live" and self._done(r)]
+            for r in finished:
+                self._finish(r)
+            done = [r for r in live if r.status != "live"]
+            bar.update(len(done))
+            if done and on_finished:
+                on_finished(done)
+        bar.close()
+
+    def _start(self) -> None:
+        for i, run in enumerate(self.runs):
+            s = run.settings
+            n = len(run.train)
+            steps_per_epoch = math.ceil(n / s.batch_size)
+            run.optimizer, run.scheduler = self._optimizer(run, steps_per_epoch)
+            run.checkpoints = Checkpointer(run.run_dir / "checkpoint", run.config)
+            run.noise = RunNoise(s.seed, self.device)
+            run.index = i
+            progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
+                        "train_time": 0.0, "eval_time": 0.0, "dev_metrics": {}}
+            start_epoch = 1
+            if not run.checkpoints.exists():
+                (run.run_dir / "log.csv").unlink(missing_ok=True)
+            else:
+                state = run.checkpoints.load()
+                self._load_trainable(run, state["trainable"])
+                load_optimizer_state(run.optimizer, run.scheduler, state["optimizer_state"], state["scheduler"])
+                run.best_state = state["best"]
+                progress = {k: state.get(k, progress[k]) for k in progress}
+                start_epoch = state["epoch"] + 1
+                log.info("resuming %s from epoch %d (step %d)", run.run_dir.name, state["epoch"], progress["step"])
+                write_log(run.run_dir, progress["history"])
+            progress["resumed_from_epoch"] = start_epoch - 1
+            progress["epoch"] = start_epoch - 1
+            run.state = progress
+            run.last_checkpoint = time.perf_counter()
+            run.best_unsaved = False
+
+    def _done(self, run: GroupRun) -> bool:
+        s, p = run.settings, run.state
+        if p["epoch"] >= s.epochs or p["bad_epochs"] >= s.patience:
+            return True
+        return s.max_steps is not None and p["step"] >= s.max_steps
+
+    def _round(self, live: list[GroupRun]) -> None:
+        """One epoch of every live run (each at its own epoch number), then a dev evaluation of each."""
+        t0 = time.perf_counter()
+        self.model.train()
+        chunks = {}
+        for run in live:
+            epoch = run.state["epoch"] + 1
+            run.state["epoch"] = epoch
+            run.noise.reseed(epoch)
+            order = epoch_order(len(run.train), run.settings.seed, epoch)
+            bs = run.settings.batch_size
+            chunks[run.name] = [order[i:i + bs] for i in range(0, len(order), bs)]
+        R_all = len(live)
+        running = torch.zeros(R_all, device=self.device)
+        counts = [0] * R_all
+        first_bad = torch.full((R_all,), -1, dtype=torch.long, device=self.device)
+        steps = max(len(c) for c in chunks.values())
+        check_every = min(r.settings.check_every for r in live)
+        for j in range(steps):
+            active = [i for i, r in enumerate(live)
+                      if r.status == "live" and j < len(chunks[r.name]) and not self._max_steps_hit(r)]
+            if not active:
+                break
+            runs = [live[i] for i in active]
+            width = max(len(chunks[r.name][j]) for r in runs)
+            rows, valid_rows = [], []
+            for r in runs:
+                chunk = chunks[r.name][j]
+                base = self.train_bank.offsets[r.index]
+                rows += [base + i for i in chunk] + [base + chunk[0]] * (width - len(chunk))
+                valid_rows.append(len(chunk))
+            batch = self.train_bank.batch(rows)
+            labels = batch.pop("labels")
+            valid = None
+            if any(n < width for n in valid_rows):
+                valid = torch.tensor([k < n for n in valid_rows for k in range(width)], device=self.device)
+            noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows,
+                               ["prefix" in self.model.tasks[r.name].methods for r in runs], width, self.device)
+            with self.autocast():
+                logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
+            losses = self.engine.losses(logits, labels, valid)
+            if self.step_losses is not None:
+                for r, value in zip(runs, losses.tolist()):
+                    self.step_losses.setdefault(r.name, []).append(value)
+            for r in runs:
+                r.state["step"] += 1
+            losses = self._inject_nan(runs, losses)
+            for r in runs:
+                r.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            for r in runs:
+                r.optimizer.step()
+                r.scheduler.step()
+            index = torch.tensor(active, device=self.device)
+            detached = losses.detach().float()
+            running.index_add_(0, index, detached)
+            step_no = torch.tensor([r.state["step"] for r in runs], device=self.device)
+            bad = ~torch.isfinite(detached)
+            current = first_bad.index_select(0, index)
+            first_bad.index_copy_(0, index, torch.where(bad & (current < 0), step_no, current))
+            for i in active:
+                counts[i] += 1
+            if (j + 1) % check_every == 0:
+                self._check_finite(live, first_bad)
+        self._check_finite(live, first_bad)
+        epoch_time = time.perf_counter() - t0
+        survivors = [r for r in live if r.status == "live"]
+        means = (running / torch.tensor([max(c, 1) for c in counts], device=self.device)).tolist()
+        if not survivors:
+            return
+        t_eval = time.perf_counter()
+        dev_metrics = self.evaluate_dev(survivors)
+        eval_share = (time.perf_counter() - t_eval) / len(survivors)
+        for run, metrics in zip(survivors, dev_metrics):
+            run.state["eval_time"] += eval_share
+            self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
+
+    def _max_steps_hit(self, run: GroupRun) -> bool:
+        return run.settings.max_steps is not None and run.state["step"] >= run.settings.max_steps
+
+    def _inject_nan(self, runs: list[GroupRun], losses: torch.Tensor) -> torch.Tensor:
+        """Fault injection for tests: a run's loss turns NaN from its `inject_nan_at_step` on."""
+        hits = [r.settings.inject_nan_at_step is not None and r.state["step"] >= r.settings.inject_nan_at_step
+                for r in runs]
+        if not any(hits):
+            return losses
+        factor = torch.tensor([float("nan") if h else 1.0 for h in hits], device=losses.device)
+        return losses * factor
+
+    def _check_finite(self, live: list[GroupRun], first_bad: torch.Tensor) -> None:
+        bad = first_bad.tolist()
+        for run, step in zip(live, bad):
+            if step >= 0 and run.status == "live":
+                run.status = "failed"
+                run.failure = TrainingDiverged(step, run.state["epoch"])
+                log.warning("%s: %s", run.run_dir.name, run.failure)
+
+    def _end_epoch(self, run: GroupRun, loss: float, metrics: dict, epoch_time: float) -> None:
+        p, s = run.state, run.settings
+        epoch = p["epoch"]
+        p["train_time"] += epoch_time
+        score = main_score(run.spec, metrics)
+        improved = p["best_score"] is None or score > p["best_score"]
+        if improved:
+            p.update(best_score=score, best_epoch=epoch, bad_epochs=0, dev_metrics=metrics)
+            run.best_state = self._snapshot(run)
+        else:
+            p["bad_epochs"] += 1
+        p["history"].append({"epoch": epoch, "step": p["step"], "train_loss": loss, "dev_score": score,
+                             "lr": float(run.scheduler.get_last_lr()[0]), "epoch_s": round(epoch_time, 3)})
+        run.best_unsaved |= improved
+        if time.perf_counter() - run.last_checkpoint >= s.checkpoint_every_s and not self._done(run):
+            saved = {k: v for k, v in p.items() if k not in ("epoch", "resumed_from_epoch")}
+            run.checkpoints.save(epoch, self._snapshot(run), run.best_state if run.best_unsaved else None,
+                                 run.optimizer, run.scheduler, saved)
+            run.last_checkpoint, run.best_unsaved = time.perf_counter(), False
+        write_log(run.run_dir, p["history"])
+
+    def _finish(self, run: GroupRun) -> None:
+        p = run.state
+        if run.best_state is not None:
+            self._load_trainable(run, run.best_state)
+        epochs_run = len(p["history"])
+        run.result = FitResult(
+            best_epoch=p["best_epoch"], epochs_run=epochs_run, steps=p["step"], dev_metrics=p["dev_metrics"],
+            history=p["history"], train_s=p["train_time"], train_step_s=p["train_time"] / max(p["step"], 1),
+            train_epoch_s=p["train_time"] / max(epochs_run, 1), resumed_from_epoch=p["resumed_from_epoch"])
+        run.status = "done"
+
+    def close(self) -> None:
+        self.engine.close()
