@@ -1,14 +1,18 @@
-"""Run a grid of unipelt experiments with several runs packed on one machine (GPU or CPU), resumably.
+"""Run a grid of unipelt experiments on every visible device, resumably: grouped (default) or packed.
 
-Each worker process imports torch once and runs many experiments in turn; runs whose complete record exists are
-skipped, so the same command finishes only what is missing. A deadline stops new runs from starting (for
-time-limited jobs); runs in flight finish and write their records.
+grouped: the grid's PEFT runs are split into groups that share the frozen encoder's forward (same task, K,
+         lengths, ...; unipelt/grouping) and each group trains in one process; full fine-tuning runs train alone.
+         Groups (largest first) and solo runs go to `--workers-per-device` processes on each device.
+packed:  one run after another in each of `--workers` processes on one device (the earlier way; pass
+         `--set group.enabled=false` for the per-run trainer exactly as before grouping existed).
 
-    python experiments/sweep.py --runs-dir experiments/results/low_resource_minilm/runs --workers 12 \
-        --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 --seeds 111,222,333,444,555 \
-        --methods finetune,bitfit,adapter,prefix,lora,unipelt_apl --deadline 500 [--set model.path=... ...]
+Runs whose complete record exists are skipped, so the same command finishes only what is missing. A deadline
+stops new work from starting (for time-limited jobs); work in flight finishes and writes its records.
 
-Order: all K=100 runs first, then K=500, then K=1000 (the low-resource table fills from the left).
+    python experiments/sweep.py --runs-dir runs/low_resource --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 \
+        --seeds 111,222,333,444,555 --methods finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate \
+        [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] \
+        [--deadline SECONDS] [--set model.path=... ...]
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,33 +37,38 @@ def grid(args) -> list[list[str]]:
     return runs
 
 
-def _init_worker(threads: int) -> None:
-    import torch
+class Composer:
+    """Hydra configs for grid points: one compose per (task, method), the K and seed axes set directly (a
+    compose takes tens of milliseconds; a 600-run grid would spend half a minute composing)."""
 
-    torch.set_num_threads(threads)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    def __init__(self, extra: list[str]) -> None:
+        self.extra = extra
+        self._base: dict = {}
 
+    def __call__(self, overrides: list[str]):
+        from hydra import compose, initialize_config_module
+        from omegaconf import OmegaConf, open_dict
 
-def run_one(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_module
-
-    from unipelt.run import execute
-
-    t0 = time.perf_counter()
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    try:
-        record = execute(cfg)
-        status = "skipped" if record is None else record["status"]
-    except Exception as err:  # a failed run is recorded by the runner; the sweep goes on
-        status = f"error: {err}"
-    return {"overrides": overrides, "status": status, "wall_s": time.perf_counter() - t0}
+        axis = dict(o.split("=", 1) for o in overrides)
+        fixed = tuple(o for o in overrides if not o.startswith(("data.k=", "data.seed=")))
+        if fixed not in self._base:
+            with initialize_config_module("unipelt.conf", version_base="1.3"):
+                cfg = compose("config", overrides=list(fixed) + self.extra)
+            if "hydra" in cfg:
+                with open_dict(cfg):
+                    del cfg["hydra"]
+            self._base[fixed] = cfg
+        cfg = OmegaConf.create(OmegaConf.to_container(self._base[fixed]))
+        k = axis.get("data.k")
+        if k is not None:
+            cfg.data.k = k if k == "full" else int(k)
+        if "data.seed" in axis:
+            cfg.data.seed = int(axis["data.seed"])
+        return cfg
 
 
 def done_filter(runs_dir: Path, extra: list[str]):
-    """A predicate `overrides -> complete record exists?`. One Hydra compose for the shared settings (model
-    name, training seed, tag); each grid point's run id is then derived directly, so scanning hundreds of runs
-    takes milliseconds instead of a compose each."""
+    """A predicate `overrides -> complete record exists?`, deriving each run id without a compose."""
     from hydra import compose, initialize_config_module
 
     from unipelt.training.record import RECORD_FILE, is_complete, run_id
@@ -76,48 +86,224 @@ def done_filter(runs_dir: Path, extra: list[str]):
     return done
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs-dir", required=True)
-    p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte")
-    p.add_argument("--ks", default="100,500,1000")
-    p.add_argument("--seeds", default="111,222,333,444,555")
-    p.add_argument("--methods", default="finetune,bitfit,adapter,prefix,lora,unipelt_apl")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
-    p.add_argument("--deadline", type=float, default=None, help="seconds after which no new run starts")
-    p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
-    p.add_argument("--log", default=None, help="append one JSON line per finished run here")
-    args = p.parse_args(argv)
-    extra = [f"output.runs_dir={args.runs_dir}", "output.progress=false", "output.save_modules=false", *args.set]
-    done = done_filter(Path(args.runs_dir), extra)
-    todo = [o + extra for o in grid(args) if not done(o)]
-    print(f"{len(todo)} runs to do ({len(grid(args)) - len(todo)} already complete), {args.workers} workers", flush=True)
-    finished, log = [], open(args.log, "a") if args.log else None
-    start = time.perf_counter()  # the deadline counts from here, not from the (slow) scan for finished runs
+# --- planning (pure: tested on CPU for several devices) -------------------------------------------------------
+def visible_devices(spec: str) -> list[str]:
+    """`auto`: every visible CUDA device (cuda:0, cuda:1, ...), else cpu; or an explicit comma list."""
+    if spec != "auto":
+        return [d.strip() for d in spec.split(",") if d.strip()]
+    import torch
+
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int) -> list[dict]:
+    """Jobs (largest first): each a compatible group of runs, or one run that must train alone."""
+    from unipelt.grouping.runner import partition, solo_reason
+    from unipelt.plan import plan
+
+    solo, grouped = [], []
+    for overrides in todo:
+        cfg = composer(overrides)
+        p = plan(cfg)
+        p.overrides = overrides
+        (grouped if solo_reason(p, cfg) is None else solo).append(p)
+    jobs = [{"runs": [g.overrides for g in group], "cost": sum(_cost(g) for g in group) / len(group) ** 0.5}
+            for group in partition(grouped, max_runs)]
+    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p)} for p in solo]
+    return sorted(jobs, key=lambda j: -j["cost"])
+
+
+def _cost(p) -> float:
+    """Relative work of a run: steps ~ K (or the train size) times its epochs."""
+    k = p.k if isinstance(p.k, int) else 10_000
+    return (k + p.dev_size / 3) * p.settings.epochs
+
+
+def slots(devices: list[str], workers_per_device: int) -> list[str]:
+    """One entry per worker process: the device it trains on, spread round-robin over devices."""
+    return [d for _ in range(workers_per_device) for d in devices]
+
+
+# --- execution ------------------------------------------------------------------------------------------------
+def _slot_main(device: str, threads: int, jobs, results, extra: list[str]) -> None:
+    """A worker process on one device: take jobs until the queue says stop."""
+    if device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        device = "cuda"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(threads)
+    from unipelt.grouping.runner import execute_many
+
+    composer = Composer(extra)
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            cfgs = [composer(o) for o in job["runs"]]
+            outcomes = execute_many(cfgs, overrides=job["runs"], device=device, max_runs=len(cfgs), progress=False)
+            statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
+        except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
+            statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
+        results.put({"runs": job["runs"], "statuses": statuses, "device": device, "wall_s": time.perf_counter() - t0})
+
+
+def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
+    devices = visible_devices(args.devices)
+    composer = Composer(extra)
+    max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
+    jobs = plan_jobs(todo, composer, max_runs)
+    sizes = [len(j["runs"]) for j in jobs]
+    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}) on "
+          f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
+    ctx = mp.get_context("spawn")
+    job_queue, results = ctx.Queue(), ctx.Queue()
+    workers = [ctx.Process(target=_slot_main, args=(d, args.threads, job_queue, results, extra), daemon=True)
+               for d in slots(devices, args.workers_per_device)]
+    for w in workers:
+        w.start()
+    pending = list(jobs)
+    in_flight = 0
+    finished = []
+    for _ in workers:  # prime every worker with one job
+        if pending:
+            job_queue.put(pending.pop(0))
+            in_flight += 1
+    while in_flight:
+        try:
+            result = results.get(timeout=5)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers):
+                break
+            continue
+        in_flight -= 1
+        late = args.deadline is not None and time.perf_counter() - start > args.deadline
+        if pending and not late:
+            job_queue.put(pending.pop(0))
+            in_flight += 1
+        for overrides, status in zip(result["runs"], result["statuses"]):
+            row = {"overrides": overrides, "status": status, "wall_s": result["wall_s"], "device": result["device"],
+                   "group_size": len(result["runs"])}
+            finished.append(row)
+            log(row)
+        print(f"[{time.perf_counter() - start:7.1f}s] {result['device']} group of {len(result['runs'])} "
+              f"({' '.join(result['runs'][0][:1] + result['runs'][0][2:3])}): "
+              f"{sum(s == 'complete' for s in result['statuses'])} complete in {result['wall_s']:.1f}s", flush=True)
+    for _ in workers:
+        job_queue.put(None)
+    for w in workers:
+        w.join(timeout=30)
+    not_started = sum(len(j["runs"]) for j in pending)
+    if not_started:
+        print(f"{not_started} runs not started (deadline)", flush=True)
+    return finished
+
+
+def _auto_max_runs(devices, workers_per_device, todo, composer) -> int:
+    """Runs per group from the smallest device's free memory, shared by that device's workers."""
+    from unipelt.grouping.runner import CPU_MAX_RUNS, GPU_MAX_RUNS, estimate_run_bytes
+    from unipelt.plan import plan
+
+    if not any(d.startswith("cuda") for d in devices):
+        return CPU_MAX_RUNS
+    import torch
+    from transformers import AutoConfig
+
+    from unipelt.encoders import resolve_model_path
+
+    sample = plan(composer(todo[0]))
+    model_cfg = AutoConfig.from_pretrained(resolve_model_path(str(sample.model_path)))
+    free = min(torch.cuda.mem_get_info(int(d.split(":")[1]) if ":" in d else 0)[0] for d in devices)
+    per_run = estimate_run_bytes(sample, model_cfg)
+    return max(1, min(GPU_MAX_RUNS, int(0.5 * free / workers_per_device // per_run)))
+
+
+def _packed_one(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_module
+
+    from unipelt.run import execute
+
+    t0 = time.perf_counter()
+    with initialize_config_module("unipelt.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    try:
+        record = execute(cfg)
+        status = "skipped" if record is None else record["status"]
+    except Exception as err:  # a failed run is recorded by the runner; the sweep goes on
+        status = f"error: {err}"
+    return {"overrides": overrides, "status": status, "wall_s": time.perf_counter() - t0}
+
+
+def _init_packed(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def run_packed(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
+    finished = []
     ctx = mp.get_context("spawn")  # CUDA-safe: no forked CUDA state
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)) as pool:
-        pending, queue = set(), list(todo)
-        while queue or pending:
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_packed, initargs=(args.threads,)) as pool:
+        pending, waiting = set(), [o + extra for o in todo]
+        while waiting or pending:
             late = args.deadline is not None and time.perf_counter() - start > args.deadline
-            while queue and len(pending) < args.workers and not late:
-                pending.add(pool.submit(run_one, queue.pop(0)))
+            while waiting and len(pending) < args.workers and not late:
+                pending.add(pool.submit(_packed_one, waiting.pop(0)))
             if not pending:
                 break
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 result = fut.result()
                 finished.append(result)
-                if log:
-                    log.write(json.dumps(result) + "\n")
-                    log.flush()
+                log(result)
                 print(f"[{time.perf_counter() - start:7.1f}s] {result['status']:9s} {result['wall_s']:6.1f}s "
                       + " ".join(result["overrides"][:4]), flush=True)
+    return finished
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", required=True)
+    p.add_argument("--tasks", default="cola,sst2,mrpc,stsb,rte")
+    p.add_argument("--ks", default="100,500,1000")
+    p.add_argument("--seeds", default="111,222,333,444,555")
+    p.add_argument("--methods", default="finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate")
+    p.add_argument("--mode", choices=("grouped", "packed"), default="grouped")
+    p.add_argument("--devices", default="auto", help="auto (every visible GPU, else cpu) or a list: cuda:0,cuda:1")
+    p.add_argument("--workers-per-device", type=int, default=2, help="grouped: processes per device")
+    p.add_argument("--max-runs", type=int, default=None, help="grouped: runs per group (default: from memory)")
+    p.add_argument("--workers", type=int, default=1, help="packed: worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which no new work starts")
+    p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
+    p.add_argument("--log", default=None, help="append one JSON line per finished run here")
+    args = p.parse_args(argv)
+    extra = [f"output.runs_dir={args.runs_dir}", "output.progress=false", "output.save_modules=false", *args.set]
+    done = done_filter(Path(args.runs_dir), extra)
+    todo = [o for o in grid(args) if not done(o)]
+    print(f"{len(todo)} runs to do ({len(grid(args)) - len(todo)} already complete), mode {args.mode}", flush=True)
+    log_file = open(args.log, "a") if args.log else None
+
+    def log(row: dict) -> None:
+        if log_file:
+            log_file.write(json.dumps({**row, "mode": args.mode}) + "\n")
+            log_file.flush()
+
+    start = time.perf_counter()  # the deadline counts from here, not from the scan for finished runs
+    finished = (run_grouped if args.mode == "grouped" else run_packed)(args, todo, extra, start, log) if todo else []
     elapsed = time.perf_counter() - start
     complete = [r for r in finished if r["status"] == "complete"]
-    print(f"finished {len(complete)} runs in {elapsed:.0f}s with {args.workers} workers: "
-          f"{3600 * len(complete) / max(elapsed, 1e-9):.0f} runs/hour; {len(queue)} not started", flush=True)
-    return 0
+    errors = [r for r in finished if r["status"].startswith("error")]
+    for r in errors[:10]:
+        print(f"error: {' '.join(r['overrides'][:4])}: {r['status']}", flush=True)
+    print(f"finished {len(complete)} runs in {elapsed:.0f}s ({args.mode}): "
+          f"{3600 * len(complete) / max(elapsed, 1e-9):.0f} runs/hour; {len(errors)} errors", flush=True)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

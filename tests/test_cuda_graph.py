@@ -165,7 +165,7 @@ def test_cli_run_with_cuda_graph_trains_like_the_plain_run_and_resumes_bit_ident
     monkeypatch.setattr(trainer_module, "GraphedTrainStep", Spy)
     monkeypatch.setattr(trainer_module, "batches", spy_batches)
     base = [*TINY, "method=unipelt_apl", "data.max_length=80", "train.batch_size=5", "train.epochs=3",
-            "train.patience=100"]
+            "train.patience=100", "group.enabled=false"]  # the per-run trainer for both (graphs are per run)
     rid = "rte-unipelt_apl-k8-d111-s42"
     plain, graphed, resumed = (tmp_path / name for name in ("plain", "graphed", "resumed"))
     run_cli(_config(*base, f"output.runs_dir={plain}"))

@@ -83,7 +83,8 @@ def test_trainer_with_compile_gives_the_same_record_metrics(tmp_path):
     from unipelt.run import execute
 
     common = ["task=rte", "method=unipelt_apl", "model.num_layers=1", "data.k=8", "data.dev_size=16",
-              "data.max_length=32", "train.epochs=2", "output.progress=false", "output.save_modules=false"]
+              "data.max_length=32", "train.epochs=2", "output.progress=false", "output.save_modules=false",
+              "group.enabled=false"]  # compile is a switch of the per-run trainer: compare like with like
     plain = execute(config(*common, f"output.runs_dir={tmp_path / 'a'}"))
     fast = execute(config(*common, "train.compile=aot_eager", f"output.runs_dir={tmp_path / 'b'}"))
     assert fast["test_score"] == pytest.approx(plain["test_score"], abs=1e-6)

@@ -54,7 +54,8 @@ def cli(args: list[str], runs: Path, **kwargs):
 def test_sigkill_mid_sweep_then_the_same_command_finishes_only_the_missing_run_by_resuming(tmp_path):
     runs = tmp_path / "runs"
     args = ["-m", "data.seed=111,222", *TINY, "data.k=32", "train.epochs=8", "train.patience=100",
-            "runtime.threads=1"]
+            "runtime.threads=1", "hydra/launcher=basic", "group.enabled=false"]  # one run after another (the
+    # grouped twin of this test, a kill in the middle of a group, is in test_grouping.py)
     first_id, second_id = "rte-lora-k32-d111-s42", "rte-lora-k32-d222-s42"
     state = runs / second_id / "checkpoint" / "state.json"
     proc = cli(args, runs)
@@ -297,7 +298,8 @@ def test_sparse_checkpoints_still_resume_to_the_uninterrupted_result(tmp_path, m
     best state of that moment (a new best found at a skipped epoch must still reach the next checkpoint)."""
     from unipelt.training import trainer as trainer_mod
 
-    base = [*TINY, "method=lora", "data.k=16", "train.batch_size=8", "train.epochs=5", "train.patience=100"]
+    base = [*TINY, "method=lora", "data.k=16", "train.batch_size=8", "train.epochs=5", "train.patience=100",
+            "group.enabled=false"]  # the per-run trainer's checkpoint interval (grouped: test_grouping.py)
     rid = "rte-lora-k16-d111-s42"
     a, b = tmp_path / "a", tmp_path / "b"
     run_cli(config(*base, f"output.runs_dir={a}"))

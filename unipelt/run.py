@@ -74,7 +74,7 @@ def execute(cfg: DictConfig) -> dict | None:
     if outcome.status == "failed":
         raise RunFailed(outcome.message)
     if outcome.status == "error":
-        raise RunInProgress(outcome.message)
+        raise outcome.error
     return outcome.record
 
 

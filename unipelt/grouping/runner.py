@@ -35,6 +35,7 @@ class Outcome:
     status: str  # complete | failed | skipped | error
     record: dict | None = None
     message: str = ""
+    error: BaseException | None = None  # the exception behind an 'error' outcome (re-raised for a single run)
 
 
 def solo_reason(p: RunPlan, cfg: DictConfig) -> str | None:
@@ -173,20 +174,28 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
     from ..encoders import load_encoder, load_tokenizer
     from ..io import save_task
     from ..model import PeltModel
-    from ..run import _write_failed, complete_record, done_message, start_record
+    from ..run import USER_ERRORS, _message, _write_failed, complete_record, done_message, start_record
     from ..training.batching import encode
     from ..training.checkpoint import Checkpointer
     from ..training.lock import run_lock
     from .trainer import GroupRun, GroupTrainer
 
     outcomes = {p.run_id: None for p in plans}
+    datasets = {}
+    for p in plans:  # data problems are bad settings: reported before any file is touched
+        try:
+            datasets[p.run_id] = build_task_data(p.spec, p.k, p.data_seed, p.data_dir, p.dev_size)
+        except USER_ERRORS as err:
+            outcomes[p.run_id] = Outcome(p.run_id, "error", message=_message(err), error=err)
     with contextlib.ExitStack() as locks:
         members = []
         for p in plans:
+            if outcomes[p.run_id] is not None:
+                continue
             try:
                 locks.enter_context(run_lock(p.run_dir))
             except RunInProgress as err:
-                outcomes[p.run_id] = Outcome(p.run_id, "error", message=str(err))
+                outcomes[p.run_id] = Outcome(p.run_id, "error", message=str(err), error=err)
                 continue
             if not p.force and is_complete(p.run_dir / RECORD_FILE):  # finished by another process meanwhile
                 outcomes[p.run_id] = Outcome(p.run_id, "skipped")
@@ -209,7 +218,7 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
         model.to(device)
         runs, records, tests = [], {}, None
         for i, p in enumerate(members):
-            data = build_task_data(p.spec, p.k, p.data_seed, p.data_dir, p.dev_size)
+            data = datasets[p.run_id]
             name = _task_name(i)
             torch.manual_seed(p.settings.seed)  # a run's initial modules depend on its seed alone, not its group
             model.add_task(name, p.pelt, p.spec.num_labels, activate=False)
@@ -230,8 +239,10 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
             for r in done:
                 if r.status == "failed":
                     _fail(r, plan_of[r.name], records[r.name], diverged=True)
-                    outcomes[plan_of[r.name].run_id] = Outcome(plan_of[r.name].run_id, "failed",
-                                                               records[r.name], str(r.failure))
+                    p = plan_of[r.name]
+                    outcomes[p.run_id] = Outcome(p.run_id, "failed", records[r.name],
+                                                 f"{p.run_id}: {r.failure}; failed record written to "
+                                                 f"{str(p.run_dir / RECORD_FILE)!r}")
             if not ok:
                 return
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from .engine import GroupEngine
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
+EVAL_ROWS = 4096  # most rows of one grouped evaluation forward (all runs together)
 
 
 @dataclass
@@ -177,19 +178,24 @@ class GroupTrainer:
     def _gate_kinds(self, run: GroupRun) -> set:
         return {k for m in self.model.tasks[run.name].methods.values() for k in m.gates()}
 
+    def eval_rows(self, runs: list[GroupRun]) -> int:
+        """Rows per run in one evaluation forward: the runs' eval batch size, shrunk so that a whole group's
+        forward stays within EVAL_ROWS rows (evaluation batch sizes do not change results)."""
+        return max(1, min(runs[0].settings.eval_batch_size, EVAL_ROWS // len(runs)))
+
     def evaluate_dev(self, runs: list[GroupRun]) -> list[dict]:
         index = {r.name: i for i, r in enumerate(self.runs)}
         offsets = [self.dev_bank.offsets[index[r.name]] for r in runs]
-        preds, _ = self.predict(runs, self.dev_bank, offsets, [len(r.dev) for r in runs],
-                                runs[0].settings.eval_batch_size, runs[0].spec.num_labels)
+        preds, _ = self.predict(runs, self.dev_bank, offsets, [len(r.dev) for r in runs], self.eval_rows(runs),
+                                runs[0].spec.num_labels)
         return [compute_metrics(r.spec, p, r.dev.labels.numpy()) for r, p in zip(runs, preds)]
 
     def evaluate_shared(self, runs: list[GroupRun], data: Encoded, split: str | None = None,
                         gate_stats: bool = False):
         """Every run of `runs` on the same split (the GLUE test set): metrics and mean gates per run."""
         bank = RowBank([data], self.pad_id, self.device)
-        preds, gates = self.predict(runs, bank, [0] * len(runs), [len(data)] * len(runs),
-                                    runs[0].settings.eval_batch_size, runs[0].spec.num_labels, gate_stats)
+        preds, gates = self.predict(runs, bank, [0] * len(runs), [len(data)] * len(runs), self.eval_rows(runs),
+                                    runs[0].spec.num_labels, gate_stats)
         metrics = [compute_metrics(r.spec, p, data.labels.numpy(), split=split) for r, p in zip(runs, preds)]
         return metrics, gates
 
