@@ -11,7 +11,7 @@ supplies the stacking, the per-run gates and the per-run dropout (see noise.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class GroupStep:
     rows: int
     noise: NoiseBatch | None
     collect_gates: bool = False
+    methods: dict = field(default_factory=dict)  # method name -> per-run instances (see GroupEngine.methods)
 
 
 class GroupEngine:
@@ -48,6 +49,7 @@ class GroupEngine:
         self.method_names = sorted({n for m in members for n in model.tasks[m].methods})
         self._layer_gates: dict[int, list[tuple[str, str, object]]] = {}
         self._prefix_provider = None
+        self._lists: dict = {}
         self.prefix_length = 0
         self.step: GroupStep | None = None
         self.gate_log: dict[str, list[torch.Tensor | None]] = {}
@@ -70,9 +72,12 @@ class GroupEngine:
         return self.step.rows
 
     def methods(self, name: str) -> list:
-        """The live runs' instances of method `name` (None for runs without it), in row order."""
-        return [self.model.tasks[r].methods[name] if name in self.model.tasks[r].methods else None
-                for r in self.step.runs]
+        """The live runs' instances of method `name` (None for runs without it), in row order (cached per step)."""
+        cache = self.step.methods
+        if name not in cache:
+            tasks = self.model.tasks
+            cache[name] = [tasks[r].methods[name] if name in tasks[r].methods else None for r in self.step.runs]
+        return cache[name]
 
     def member_methods(self, name: str) -> list:
         return [self.model.tasks[m].methods[name] for m in self.members if name in self.model.tasks[m].methods]
@@ -83,19 +88,33 @@ class GroupEngine:
             cache[key] = build()
         return cache[key]
 
-    def stack(self, key, name: str, tensors, shape: tuple) -> torch.Tensor:
+    def stack(self, key, name: str, tensors, shape: tuple, parameters: bool = True) -> torch.Tensor:
         """(R, n, *shape): `tensors(method)` gives the n tensors of one run (e.g. one per layer), or None for a run
-        that lacks them (zeros, no gradient). One stacking kernel per forward, shared by all layers."""
+        that lacks them (zeros, no gradient). One stacking kernel per forward, shared by all layers; the list of
+        tensors to stack is built once per set of live runs (parameters keep their identity between steps);
+        `parameters=False` for tensors computed in the forward (rebuilt every time)."""
 
         def build():
-            per_run = [tensors(m) if m is not None else None for m in self.methods(name)]
-            n = next(len(t) for t in per_run if t is not None)
-            like = next(t[0] for t in per_run if t is not None)
-            zero = like.new_zeros(shape)
-            flat = [t for ts in per_run for t in (ts if ts is not None else [zero] * n)]
-            return torch.stack(flat).view(len(per_run), n, *shape)
+            if not parameters:
+                return torch.stack(self._flat(name, tensors, shape))
+            return torch.stack(self.tensor_list(("stack", key), lambda: self._flat(name, tensors, shape)))
 
-        return self.cached(("stack", key), build)
+        flat = self.cached(("stack", key), build)
+        return flat.view(self.R, -1, *shape)
+
+    def tensor_list(self, key, build) -> list:
+        """A list of tensors that depends only on the live runs, built once per set of runs."""
+        full = (key, tuple(self.step.runs))
+        if full not in self._lists:
+            self._lists[full] = build()
+        return self._lists[full]
+
+    def _flat(self, name: str, tensors, shape: tuple) -> list:
+        per_run = [tensors(m) if m is not None else None for m in self.methods(name)]
+        n = next(len(t) for t in per_run if t is not None)
+        like = next(t[0] for t in per_run if t is not None)
+        zero = like.new_zeros(shape)
+        return [t for ts in per_run for t in (ts if ts is not None else [zero] * n)]
 
     def per_run(self, key, values) -> torch.Tensor:
         """A (R,) float tensor on the model's device from one Python number per live run (cached per forward)."""
@@ -126,7 +145,8 @@ class GroupEngine:
             none = self._finish_gate("", layer, None, [False] * self.R)
             return {kind: none for kind, _, _ in kinds}
         x = self.injector.layer_input(layer)
-        values = self.gate_values(x, per_kind)  # (R*B, n)
+        w, b = self.cached(("layer_gate_params",), self._layer_gate_params)  # one stack for all layers
+        values = self._gate_values_with(x, w[:, layer], b[:, layer])  # (R*B, n)
         out = {}
         for j, (kind, _, _) in enumerate(kinds):
             gated = [g is not None for g in per_kind[j]]
@@ -149,9 +169,40 @@ class GroupEngine:
             log[layer] = values.detach()
         return values, gated_t
 
+    def _layer_gate_params(self):
+        """(R, L, n, h) weights and (R, L, 1, n) biases of every layer-input gate of every run: one stack per
+        forward for all layers (zeros where a run lacks that gate)."""
+        L = self.info.num_layers
+        weights, biases, n = self.tensor_list("layer_gate_lists", self._layer_gate_lists)
+        w = torch.cat(weights).view(self.R, L, n, -1)
+        b = torch.cat(biases).view(self.R, L, 1, n)
+        return w, b
+
+    def _layer_gate_lists(self):
+        L, h = self.info.num_layers, self.info.hidden_size
+        n = max(len(self._layer_gates.get(i, [])) for i in range(L))
+        weights, biases = [], []
+        zero_w, zero_b = None, None
+        per_layer = [[[getter(m) if m is not None else None for m in self.methods(method_name)]
+                      for _, method_name, getter in self._layer_gates.get(i, [])] for i in range(L)]
+        for r in range(self.R):
+            for i in range(L):
+                kinds = per_layer[i]
+                for j in range(n):
+                    g = kinds[j][r] if j < len(kinds) else None
+                    if g is None:
+                        if zero_w is None:
+                            zero_w, zero_b = torch.zeros(1, h, device=self.device), torch.zeros(1, device=self.device)
+                        weights.append(zero_w)
+                        biases.append(zero_b)
+                    else:
+                        weights.append(g.proj.weight)
+                        biases.append(g.proj.bias)
+        return weights, biases, n
+
     def gate_values(self, x: torch.Tensor, per_kind: list[list[Gate | None]]) -> torch.Tensor:
         """(R*B, n): mean over real tokens of sigmoid(w . x + b), one column per gate kind, batched over runs."""
-        R, B = self.R, self.B
+        R = self.R
         h = x.shape[-1]
         weights, biases = [], []
         zero_w, zero_b = None, None
@@ -169,6 +220,11 @@ class GroupEngine:
         n = len(per_kind)
         w = torch.cat(weights).view(R, n, h)
         b = torch.cat(biases).view(R, 1, n)
+        return self._gate_values_with(x, w, b)
+
+    def _gate_values_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        R, B = self.R, self.B
+        h, n = x.shape[-1], w.shape[1]
         T = x.shape[1]
         logits = torch.baddbmm(b.to(x.dtype), x.reshape(R, B * T, h), w.to(x.dtype).transpose(1, 2))
         per_token = torch.sigmoid(logits).view(R * B, T, n)
@@ -276,13 +332,13 @@ class GroupEngine:
 
     def _heads(self, hidden: torch.Tensor) -> torch.Tensor:
         R, B = self.R, self.B
-        heads = [self.model.tasks[r].head for r in self.step.runs]
+        heads = self.tensor_list("heads", lambda: [self.model.tasks[r].head for r in self.step.runs])
         h = hidden.shape[-1]
         C = heads[0].num_labels
-        dense_w = torch.stack([hd.dense.weight for hd in heads])  # (R, h, h)
-        dense_b = torch.stack([hd.dense.bias for hd in heads]).unsqueeze(1)
-        out_w = torch.stack([hd.out.weight for hd in heads])  # (R, C, h)
-        out_b = torch.stack([hd.out.bias for hd in heads]).unsqueeze(1)
+        params = self.tensor_list("head_params", lambda: [[getattr(getattr(hd, m), a) for hd in heads]
+                                                          for m in ("dense", "out") for a in ("weight", "bias")])
+        dense_w, dense_b, out_w, out_b = (torch.stack(ts) for ts in params)  # (R, h, h), (R, h), (R, C, h), (R, C)
+        dense_b, out_b = dense_b.unsqueeze(1), out_b.unsqueeze(1)
         x = hidden[:, 0].reshape(R, B, h)
         noise = self.step.noise
         p = self.per_run("head_p", [hd.dropout.p for hd in heads]).view(R, 1, 1)
