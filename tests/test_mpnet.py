@@ -412,3 +412,45 @@ def test_real_mpnet_identity_prefix_and_round_trip(tmp_path):
 
     with safe_open(f"{encoders.resolve_model_path('mpnet')}/model.safetensors", "pt") as f:
         assert torch.equal(plain.tasks["t"].head.dense.weight, f.get_tensor("pooler.dense.weight"))
+
+
+def test_compiled_fullgraph_matches_eager_logits_and_gradients():
+    # the MPNet site and the per-forward cache of the padded bias must not break the graph (train.compile)
+    eager = mpnet("unipelt_aplb")
+    randomize_(eager.tasks["t"])
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    out = eager(ids, mask, labels=labels)
+    out.loss.backward()
+    expected = {n: p.grad.clone() for n, p in eager.trainable_named_parameters().items()}
+    for p in eager.trainable_named_parameters().values():
+        p.grad = None
+    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
+    out_c = compiled(ids, mask, labels=labels)
+    assert torch.allclose(out_c.logits, out.logits, atol=1e-5)
+    out_c.loss.backward()
+    for name, p in eager.trainable_named_parameters().items():
+        assert torch.allclose(p.grad, expected[name], atol=1e-5), name
+
+
+def test_runner_composes_model_mpnet():
+    from hydra import compose, initialize_config_module
+
+    from unipelt.run import plan
+
+    with initialize_config_module("unipelt.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["model=mpnet", "model.num_layers=2", "task=rte", "method=unipelt_apl"])
+    p = plan(cfg)
+    assert (p.model_name, p.model_path, p.num_layers) == ("mpnet", "mpnet", 2)
+    assert p.run_id.endswith("-mpnet")
+
+
+@pytest.mark.skipif(not _real_installed(), reason="all-mpnet-base-v2 is not installed: "
+                    + "; ".join(encoders.mpnet_install_commands()))
+def test_check_model_on_the_real_mpnet_allows_512_tokens():
+    from unipelt.plan import ConfigError, check_model
+
+    plan = SimpleNamespace(model_path="mpnet", model_name="mpnet", num_layers=2, max_length=512)
+    assert check_model(plan).model_type == "mpnet"
+    with pytest.raises(ConfigError, match="exceeds the 512 positions of 'mpnet'"):
+        check_model(SimpleNamespace(**{**vars(plan), "max_length": 513}))
