@@ -102,7 +102,7 @@ def test_unknown_model_path(fails, tmp_path):
 def test_unsupported_backbone_architecture(fails, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}))
     err = fails(f"model.path={tmp_path}")
-    assert "is a 'gpt2' encoder; supported architectures: bert, roberta" in err
+    assert "is a 'gpt2' encoder; supported architectures: bert, mpnet, roberta" in err
 
 
 def test_num_layers_beyond_the_model(fails):

@@ -255,7 +255,7 @@ def test_unknown_architecture_and_method_errors_name_the_choices():
     from transformers import AutoConfig, AutoModel
 
     gpt = AutoModel.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match=r"'gpt2'.*supported: bert, roberta"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*supported: bert, mpnet, roberta"):
         PeltModel(gpt)
     with pytest.raises(ValueError, match=r"'lorax'.*adapter.*bitfit.*lora.*prefix"):
         PeltConfig(methods={"lorax": {}})

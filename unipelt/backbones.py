@@ -1,7 +1,7 @@
 """Where things live inside each supported encoder architecture.
 
 Methods never name a module path themselves: they ask the backbone map for "the query projection of layer i"
-or "the point after the feed-forward block", so the same method code serves BERT, RoBERTa and any architecture
+or "the point after the feed-forward block", so the same method code serves BERT, RoBERTa, MPNet and any architecture
 added here with one entry.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from .mpnet import MPNetPrefixAttentionSite
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class BackboneMap:
     # Grouped training (unipelt/grouping) replaces every dropout of the encoder by per-run keyed dropout: the two
     # sites above are the layer's hidden dropouts, this one the embeddings' (relative to the encoder root).
     embedding_dropout: str = "embeddings.dropout"
+    attention_site: type | None = None  # PrefixAttentionSite subclass for this architecture (None: the default)
 
 
 _BERT_LIKE = BackboneMap(
@@ -42,7 +45,26 @@ _BERT_LIKE = BackboneMap(
     layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
 )
 
-BACKBONES: dict[str, BackboneMap] = {"bert": _BERT_LIKE, "roberta": _BERT_LIKE}
+# MPNet: q/k/v *and* the output projection o live in the self-attention module; the attention's dropout and
+# LayerNorm sit one level up. Its relative position bias is handled by MPNetPrefixAttentionSite (see mpnet.py).
+_MPNET = BackboneMap(
+    layers="encoder.layer",
+    self_attention="attention.attn",
+    linears={
+        "query": "attention.attn.q",
+        "key": "attention.attn.k",
+        "value": "attention.attn.v",
+        "attn_output": "attention.attn.o",
+        "intermediate": "intermediate.dense",
+        "output": "output.dense",
+    },
+    attn_output_site="attention.dropout",
+    ffn_output_site="output.dropout",
+    layer_norms=("attention.LayerNorm", "output.LayerNorm"),
+    attention_site=MPNetPrefixAttentionSite,
+)
+
+BACKBONES: dict[str, BackboneMap] = {"bert": _BERT_LIKE, "roberta": _BERT_LIKE, "mpnet": _MPNET}
 
 
 class UnsupportedArchitecture(ValueError):

@@ -111,7 +111,8 @@ class Injector:
             }
             cfg = self.encoder.config
             heads = cfg.num_attention_heads
-            wrapped = PrefixAttentionSite(resolve(layer, path), self.state, inner, heads, cfg.hidden_size // heads)
+            site_class = self.backbone.attention_site or PrefixAttentionSite
+            wrapped = site_class(resolve(layer, path), self.state, inner, heads, cfg.hidden_size // heads)
             wrapped.train(wrapped.base.training)
             replace(layer, path, wrapped)
             self._sites[key] = wrapped

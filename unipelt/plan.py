@@ -234,6 +234,8 @@ def check_model(p: RunPlan):
         first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         offline = " (HF_HUB_OFFLINE=1: only local folders and the embedded 'minilm' work)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        if isinstance(err, ImportError):  # a packaged model (minilm, mpnet) is not installed: the message says how
+            raise ConfigError(f"model {p.model_name!r}: {err}") from None
         raise ConfigError(f"model {p.model_name!r}: cannot read an encoder config at model.path={p.model_path!r}"
                           f"{offline}: {first}. Use model=minilm, model.path=<folder with config.json>, or a hub "
                           f"name with internet access") from None
@@ -248,7 +250,8 @@ def check_model(p: RunPlan):
                           f"allowed: 1..{layers} or null (all)")
     positions = getattr(model_cfg, "max_position_embeddings", None)
     if positions is not None:
-        positions -= 2 if model_cfg.model_type == "roberta" else 0  # RoBERTa's position ids start after padding_idx
+        # RoBERTa's and MPNet's position ids start after padding_idx (1): 514 positions hold 512 tokens
+        positions -= 2 if model_cfg.model_type in ("roberta", "mpnet") else 0
         if p.max_length > positions:
             raise ConfigError(f"data.max_length={p.max_length} exceeds the {positions} positions of {p.model_name!r}; "
                               f"allowed: 8..{positions}")

@@ -90,10 +90,12 @@ class PrefixAttentionSite(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *, score_bias=None, **kwargs):
+        """`score_bias` (optional, B x H x T x T): added to the token-token attention scores of the recomputed
+        attention (e.g. MPNet's relative position bias); prefix columns get no bias. Used only with a prefix."""
         replace = self._replace.get(self._state.active)
         if replace is not None:
-            return replace(self, hidden_states, **kwargs)
+            return replace(self, hidden_states, score_bias=score_bias, **kwargs)
         fn = self._prefix.get(self._state.active)
         if fn is None:
             return self.base(hidden_states, attention_mask=attention_mask, **kwargs)
@@ -103,8 +105,19 @@ class PrefixAttentionSite(nn.Module):
         k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
         v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
         mask = self._state.key_mask(prefix_k.shape[2])
+        if score_bias is not None:
+            mask = self._with_score_bias(mask, score_bias, prefix_k.shape[2], q.dtype)
         dropout = getattr(base, "dropout", None)
         p = dropout.p if (self.training and dropout is not None) else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.head_dim**-0.5)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), None
+
+    def _with_score_bias(self, mask, bias: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive SDPA mask (B, H, T, P + T): zeros for the prefix columns, `bias` for the token columns, -inf where
+        `mask` hides a key. Built once per forward and shared by all layers (one bias per encoder forward)."""
+        key = ("score_bias", prefix_len, dtype)
+        if key not in self._state.cache:
+            full = F.pad(bias.to(dtype), (prefix_len, 0))
+            self._state.cache[key] = full if mask is None else full.masked_fill(~mask, float("-inf"))
+        return self._state.cache[key]

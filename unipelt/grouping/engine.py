@@ -277,8 +277,17 @@ class GroupEngine:
 
         return self.cached(("key_mask", prefix), build)
 
+    def _biased_mask(self, mask, bias: torch.Tensor, prefix: int, dtype) -> torch.Tensor:
+        """Additive (R*B, H, T, P+T) mask: the score bias on token columns, 0 on prefix columns, -inf where hidden."""
+
+        def build():
+            full = F.pad(bias.to(dtype), (prefix, 0))
+            return full if mask is None else full.masked_fill(~mask, float("-inf"))
+
+        return self.cached(("biased_mask", prefix, dtype), build)
+
     def _attention(self, layer: int):
-        def fn(site, hidden: torch.Tensor, **kwargs):
+        def fn(site, hidden: torch.Tensor, score_bias=None, **kwargs):
             q, k, v = site.projections(hidden)
             prefix, has_prefix = 0, None
             provided = self._prefix_provider(layer) if self._prefix_provider is not None else None
@@ -288,14 +297,18 @@ class GroupEngine:
                 k = torch.cat([pk.to(k.dtype), k], dim=2)
                 v = torch.cat([pv.to(v.dtype), v], dim=2)
             mask = self._key_mask(prefix, has_prefix)
+            if score_bias is not None:  # e.g. MPNet's relative position bias: token-token scores only
+                mask = self._biased_mask(mask, score_bias, prefix, q.dtype)
             scale = site.head_dim ** -0.5
             noise = self.step.noise
             if noise is None or self.probs_p == 0:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
                 scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-                if mask is not None:
+                if mask is not None and mask.dtype == torch.bool:
                     scores = scores.masked_fill(~mask, float("-inf"))
+                elif mask is not None:
+                    scores = scores + mask
                 probs = torch.softmax(scores.float(), dim=-1)
                 keep = noise.probs_keep(layer, self.probs_p, q.shape[2], prefix)
                 probs = apply_dropout(probs, keep, self.probs_p)
