@@ -278,8 +278,17 @@ def _is_multirun() -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(cfg, multirun=_is_multirun())
+
+
+def main():
+    """The `unipelt` command: `export-peft`/`import-peft` (unipelt/interop/cli.py), else a Hydra experiment."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("export-peft", "import-peft"):
+        from .interop.cli import main as interop_main
+
+        sys.exit(interop_main(sys.argv[1:]))
+    return hydra_main()
 
 
 if __name__ == "__main__":
