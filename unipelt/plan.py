@@ -182,6 +182,9 @@ def plan(cfg: DictConfig) -> RunPlan:
         settings = TrainSettings.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
     except TypeError as err:
         raise ConfigError(f"train: {err}") from err
+    from .training.tracking import check_log_with
+
+    check_log_with(settings.log_with)  # unknown tracker or its package missing: an error before any work
     if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU: on CPU fp16 autocast is not applied and the run would "
