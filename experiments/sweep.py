@@ -40,12 +40,13 @@ def _init_worker(threads: int) -> None:
 
 
 def run_one(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
+    from unipelt.confdir import CONF_DIR
     from unipelt.run import execute
 
     t0 = time.perf_counter()
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     try:
         record = execute(cfg)
@@ -59,11 +60,12 @@ def done_filter(runs_dir: Path, extra: list[str]):
     """A predicate `overrides -> complete record exists?`. One Hydra compose for the shared settings (model
     name, training seed, tag); each grid point's run id is then derived directly, so scanning hundreds of runs
     takes milliseconds instead of a compose each."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
+    from unipelt.confdir import CONF_DIR
     from unipelt.training.record import RECORD_FILE, is_complete, run_id
 
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         base = compose("config", overrides=extra)
 
     def done(overrides: list[str]) -> bool:

@@ -8,20 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from unipelt.config import PeltConfig, preset
+from unipelt.confdir import CONF_DIR
 from unipelt.data import TASKS
 from unipelt.run import execute, plan
 
-CONF = Path(__file__).parents[1] / "unipelt" / "conf"
+CONF = Path(__file__).parents[1] / "conf"
 TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=32", "train.epochs=2",
         "output.progress=false"]
 
 
 def config(*overrides: str):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 
+from unipelt.confdir import CONF_DIR
 from unipelt.run import execute
 from unipelt.training import tracking
 from unipelt.training.tracking import RunTracker, TrackerError
@@ -19,7 +20,7 @@ TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=3
 
 
 def config(*overrides: str):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

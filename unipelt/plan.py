@@ -16,6 +16,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from .confdir import CONF_DIR
 from .config import PeltConfig
 from .data import DataError, TaskSpec, check_data_seed, check_k, default_data_dir, get_task
 from .training.checkpoint import Checkpointer
@@ -25,7 +26,6 @@ from .training.record import (
 
 
 log = logging.getLogger("unipelt")
-CONF_DIR = Path(__file__).parent / "conf"
 
 
 class ConfigError(ValueError):

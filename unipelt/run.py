@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .confdir import CONF_DIR
 from .data import build_task_data
 from .io import ModuleLoadError, save_task
 from .training.checkpoint import Checkpointer
@@ -277,7 +278,7 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(cfg, multirun=_is_multirun())
 
