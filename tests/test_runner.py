@@ -37,6 +37,23 @@ def test_every_method_config_equals_its_preset():
         assert cfg.train.lr == cfg.method.lr
 
 
+def test_shared_method_settings_are_written_once():
+    def settings(path):  # the file without its comments
+        return "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+
+    texts = {p.name: settings(p) for p in (CONF / "method").glob("*.yaml")}
+    parts = [settings(p) for p in (CONF / "_method").glob("*.yaml")]
+    for key in ("gate_pooling", "head_dropout", "reduction_factor", "mlp_hidden", "lora_alpha", "include_layernorm"):
+        assert not [name for name, text in texts.items() if key in text], f"{key} repeated in a method file"
+        assert sum(key in text for text in parts) == 1, key
+    assert all("/_method@_here_: base" in text for text in texts.values())
+    cfg = config("method=unipelt_apl", "method.pelt.head_dropout=0.3", "method.pelt.methods.lora.r=4")
+    pelt = cfg.method.pelt
+    assert (pelt.head_dropout, pelt.gate_pooling, pelt.methods.lora.r, pelt.methods.adapter.gate) == (0.3, "masked", 4, True)
+    assert config("method=houlsby").method.pelt.methods.adapter.placement == "houlsby"
+    assert "_method" not in plan(config()).config  # a helper group, not a config section
+
+
 def test_method_learning_rates_follow_the_paper():
     expected = {"finetune": 2e-5, "adapter": 1e-4, "houlsby": 1e-4, "prefix": 2e-4, "lora": 5e-4, "bitfit": 1e-4,
                 "unipelt_apl": 5e-4, "unipelt_ap": 5e-4, "unipelt_aplb": 5e-4}

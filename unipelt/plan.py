@@ -99,7 +99,9 @@ def known_keys() -> dict[str, set[str]]:
                 known.setdefault(key, set()).update(value)
 
     add_global(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")) or {})
-    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
+    # hydra/ is Hydra's own; "_"-groups (e.g. _method/, shared method settings) are parts of other configs
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
+                        and not p.name.startswith("_")):
         for path in group.glob("*.yaml"):
             data = OmegaConf.to_container(OmegaConf.load(path)) or {}
             if group.name == "experiment" or "@package _global_" in path.read_text().split("\n", 1)[0]:
