@@ -11,7 +11,7 @@ export TRANSFORMERS_VERBOSITY ?= error
 install: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel first so that nothing later resolves a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

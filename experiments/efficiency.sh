@@ -52,8 +52,9 @@ fi
 if [[ -z "${SKIP_SWEEP:-}" ]]; then
   # One process per method (not one in-process multirun): a record's peak memory is the process's (CPU: max RSS,
   # CUDA: max allocated, neither reset between runs of one process), so only a fresh process gives a per-run peak.
-  methods=${METHODS:-$(python -c 'from hydra import compose, initialize_config_module
-with initialize_config_module("unipelt.conf", version_base="1.3"):
+  methods=${METHODS:-$(python -c 'from hydra import compose, initialize_config_dir
+from unipelt.confdir import CONF_DIR
+with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
     print(compose("config", ["experiment=efficiency"], return_hydra_config=True).hydra.sweeper.params.method)')}
   for method in ${methods//,/ }; do
     unipelt experiment=efficiency method="$method" output.runs_dir="$runs" "$@"

@@ -46,13 +46,15 @@ class Composer:
         self._base: dict = {}
 
     def __call__(self, overrides: list[str]):
-        from hydra import compose, initialize_config_module
+        from hydra import compose, initialize_config_dir
         from omegaconf import OmegaConf, open_dict
+
+        from unipelt.confdir import CONF_DIR
 
         axis = dict(o.split("=", 1) for o in overrides)
         fixed = tuple(o for o in overrides if not o.startswith(("data.k=", "data.seed=")))
         if fixed not in self._base:
-            with initialize_config_module("unipelt.conf", version_base="1.3"):
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
                 cfg = compose("config", overrides=list(fixed) + self.extra)
             if "hydra" in cfg:
                 with open_dict(cfg):
@@ -69,11 +71,12 @@ class Composer:
 
 def done_filter(runs_dir: Path, extra: list[str]):
     """A predicate `overrides -> complete record exists?`, deriving each run id without a compose."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
+    from unipelt.confdir import CONF_DIR
     from unipelt.training.record import RECORD_FILE, is_complete, run_id
 
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         base = compose("config", overrides=extra)
 
     def done(overrides: list[str]) -> bool:
@@ -223,12 +226,13 @@ def _auto_max_runs(devices, workers_per_device, todo, composer) -> int:
 
 
 def _packed_one(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
+    from unipelt.confdir import CONF_DIR
     from unipelt.run import execute
 
     t0 = time.perf_counter()
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     try:
         record = execute(cfg)

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 
+from unipelt.confdir import CONF_DIR
 from unipelt.run import run_cli
 
 TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=32", "train.epochs=2",
@@ -23,7 +24,7 @@ GOOD_ID = "rte-lora-k8-d111-s42"
 
 
 def config(*overrides: str):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -125,9 +125,11 @@ TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=3
 
 
 def _config(*overrides: str):
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    from unipelt.confdir import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from unipelt.confdir import CONF_DIR
 from unipelt.run import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ EXPERIMENTS = {
 
 
 def compose_experiment(name: str, *overrides: str, hydra: bool = False):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=[f"experiment={name}", *overrides], return_hydra_config=hydra)
 
 

@@ -91,10 +91,12 @@ def test_launcher_configs_compose(launcher, plugin, target, settings):
     """Each launcher config resolves to its plugin's launcher (a config named like the plugin's own and extending
     it would include itself: the old `ray.yaml` did, and failed with a RecursionError)."""
     pytest.importorskip(f"hydra_plugins.{plugin}", reason=f"{plugin} is not installed: pip install -e '.[slurm,ray]'")
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
+
+    from unipelt.confdir import CONF_DIR
     from omegaconf import OmegaConf
 
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     conf = OmegaConf.to_container(cfg.hydra.launcher)
     assert conf["_target_"] == f"hydra_plugins.{plugin}.{target}"

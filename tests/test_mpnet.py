@@ -434,11 +434,13 @@ def test_compiled_fullgraph_matches_eager_logits_and_gradients():
 
 
 def test_runner_composes_model_mpnet():
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
+
+    from unipelt.confdir import CONF_DIR
 
     from unipelt.run import plan
 
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=mpnet", "model.num_layers=2", "task=rte", "method=unipelt_apl"])
     p = plan(cfg)
     assert (p.model_name, p.model_path, p.num_layers) == ("mpnet", "mpnet", 2)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from unipelt.confdir import CONF_DIR
 from unipelt.run import JobFailed, run_cli
 
 TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=32", "train.epochs=2",
@@ -27,7 +28,7 @@ TIMING = ("epoch_s",)  # history fields that measure time (may differ between id
 
 
 def config(*overrides: str):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -8,20 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from unipelt.config import PeltConfig, preset
+from unipelt.confdir import CONF_DIR
 from unipelt.data import TASKS
 from unipelt.run import execute, plan
 
-CONF = Path(__file__).parents[1] / "unipelt" / "conf"
+CONF = Path(__file__).parents[1] / "conf"
 TINY = ["model.num_layers=1", "data.k=8", "data.dev_size=16", "data.max_length=32", "train.epochs=2",
         "output.progress=false"]
 
 
 def config(*overrides: str):
-    with initialize_config_module("unipelt.conf", version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -34,6 +35,23 @@ def test_every_method_config_equals_its_preset():
         from_yaml = PeltConfig.from_dict(OmegaConf.to_container(cfg.method.pelt, resolve=True))
         assert from_yaml.to_dict() == preset(name).to_dict(), name
         assert cfg.train.lr == cfg.method.lr
+
+
+def test_shared_method_settings_are_written_once():
+    def settings(path):  # the file without its comments
+        return "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+
+    texts = {p.name: settings(p) for p in (CONF / "method").glob("*.yaml")}
+    parts = [settings(p) for p in (CONF / "_method").glob("*.yaml")]
+    for key in ("gate_pooling", "head_dropout", "reduction_factor", "mlp_hidden", "lora_alpha", "include_layernorm"):
+        assert not [name for name, text in texts.items() if key in text], f"{key} repeated in a method file"
+        assert sum(key in text for text in parts) == 1, key
+    assert all("/_method@_here_: base" in text for text in texts.values())
+    cfg = config("method=unipelt_apl", "method.pelt.head_dropout=0.3", "method.pelt.methods.lora.r=4")
+    pelt = cfg.method.pelt
+    assert (pelt.head_dropout, pelt.gate_pooling, pelt.methods.lora.r, pelt.methods.adapter.gate) == (0.3, "masked", 4, True)
+    assert config("method=houlsby").method.pelt.methods.adapter.placement == "houlsby"
+    assert "_method" not in plan(config()).config  # a helper group, not a config section
 
 
 def test_method_learning_rates_follow_the_paper():

@@ -16,6 +16,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from .confdir import CONF_DIR
 from .config import PeltConfig
 from .data import DataError, TaskSpec, check_data_seed, check_k, default_data_dir, get_task
 from .training.checkpoint import Checkpointer
@@ -25,7 +26,6 @@ from .training.record import (
 
 
 log = logging.getLogger("unipelt")
-CONF_DIR = Path(__file__).parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -100,7 +100,9 @@ def known_keys() -> dict[str, set[str]]:
                 known.setdefault(key, set()).update(value)
 
     add_global(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")) or {})
-    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
+    # hydra/ is Hydra's own; "_"-groups (e.g. _method/, shared method settings) are parts of other configs
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
+                        and not p.name.startswith("_")):
         for path in group.glob("*.yaml"):
             data = OmegaConf.to_container(OmegaConf.load(path)) or {}
             if group.name == "experiment" or "@package _global_" in path.read_text().split("\n", 1)[0]:
@@ -183,6 +185,9 @@ def plan(cfg: DictConfig) -> RunPlan:
         settings = TrainSettings.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
     except TypeError as err:
         raise ConfigError(f"train: {err}") from err
+    from .training.tracking import check_log_with
+
+    check_log_with(settings.log_with)  # unknown tracker or its package missing: an error before any work
     if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU: on CPU fp16 autocast is not applied and the run would "

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .confdir import CONF_DIR
 from .data import build_task_data
 from .io import ModuleLoadError, save_task
 from .training.checkpoint import Checkpointer
@@ -318,9 +319,18 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
     return run_cli(cfg, multirun=_is_multirun())
+
+
+def main():
+    """The `unipelt` command: `export-peft`/`import-peft` (unipelt/interop/cli.py), else a Hydra experiment."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("export-peft", "import-peft"):
+        from .interop.cli import main as interop_main
+
+        sys.exit(interop_main(sys.argv[1:]))
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ class ReportError(Exception):
 
 def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS,
                  gated: str = A.DEFAULT_GATED, formats: Sequence[str] = T.FORMATS, plots: bool = True,
-                 singles: Sequence[str] = A.SINGLE_METHODS, efficiency_k: Any = None) -> dict[str, Path]:
-    """Write all tables, data files and figures for already-loaded records; returns {file name: path}."""
+                 singles: Sequence[str] = A.SINGLE_METHODS, efficiency_k: Any = None,
+                 html: bool = False) -> dict[str, Path]:
+    """Write all tables, data files and figures for already-loaded records; returns {file name: path}.
+    `html`: also report.html, every table and figure on one self-contained page (report/html.py)."""
     if not rs.records:
         raise ReportError(f"no complete run records under {rs.root} "
                           f"({len(rs.skipped)} file(s) skipped, {len(rs.failed)} failed run(s))")
@@ -33,15 +35,17 @@ def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.
     runs = A.runs_frame(rs.records)
     agg = A.aggregate(runs, expected_seeds)
     written: dict[str, Path] = {}
-
-    written |= T.main_table(agg, expected_seeds).write(out, "main_table", formats)
-    written |= T.headline_table(A.headline(agg, gated, singles), gated, expected_seeds).write(out, "headline", formats)
-    written |= T.ablation_table(A.ablation(agg), expected_seeds).write(out, "ablation", formats)
     eff_formats = [f for f in formats if f != "tex"]  # efficiency is a md/csv table (see tables.efficiency_table)
-    written |= T.efficiency_table(A.efficiency(runs, k=efficiency_k), k=efficiency_k).write(out, "efficiency",
-                                                                                            eff_formats)
-    written |= T.failed_table(rs.failed).write(out, "failed_runs", [f for f in formats if f != "tex"])
-    written |= T.skipped_table(rs.skipped, rs.root).write(out, "skipped", ["csv"])
+    tables = [  # (table, file stem, formats)
+        (T.main_table(agg, expected_seeds), "main_table", formats),
+        (T.headline_table(A.headline(agg, gated, singles), gated, expected_seeds), "headline", formats),
+        (T.ablation_table(A.ablation(agg), expected_seeds), "ablation", formats),
+        (T.efficiency_table(A.efficiency(runs, k=efficiency_k), k=efficiency_k), "efficiency", eff_formats),
+        (T.failed_table(rs.failed), "failed_runs", eff_formats),
+        (T.skipped_table(rs.skipped, rs.root), "skipped", ["csv"]),
+    ]
+    for table, stem, fmts in tables:
+        written |= table.write(out, stem, fmts)
 
     (out / "aggregate.json").write_text(agg.to_json(orient="records", indent=1, double_precision=15), encoding="utf-8")
     # Arrow needs one type per column: K (100 | "full") is stored as text; A.normalize_k_column undoes it.
@@ -55,6 +59,14 @@ def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.
         stems += [f"score_vs_k_{figures.safe_name(t)}" for t in figures.plot_score_vs_k_per_task(runs, out)]
         stems += [f"gates_{figures.safe_name(t)}" for t in figures.plot_gates(runs, out, preferred=gated)]
         written |= {f"{s}.{fmt}": out / f"{s}.{fmt}" for s in stems for fmt in figures.PLOT_FORMATS}
+    if html:
+        from .html import HTML_FILE, write_page
+
+        pngs = [(name[: -len(".png")].replace("_", " "), path) for name, path in written.items()
+                if name.endswith(".png")]
+        meta = [f"{len(rs.records)} complete run record(s) from {rs.root}; {len(rs.skipped)} file(s) skipped; "
+                f"{len(rs.failed)} failed run(s)."]
+        written[HTML_FILE] = write_page(out, "unipelt report", [t for t, _, _ in tables], pngs, meta)
     return written
 
 
@@ -111,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency-k", type=_k, default=None,
                    help="only use runs of this K for the efficiency table (default: all runs pooled)")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    p.add_argument("--html", action="store_true",
+                   help="also write OUT/report.html: every table and figure on one self-contained page")
     return p
 
 
@@ -142,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     written = write_report(rs, args.out, expected_seeds=args.expected_seeds, gated=args.gated,
                            formats=args.formats, plots=not args.no_plots, singles=args.singles,
-                           efficiency_k=args.efficiency_k)
+                           efficiency_k=args.efficiency_k, html=args.html)
     agg = A.aggregate(A.runs_frame(rs.records), args.expected_seeds)
     print(T.main_table(agg, args.expected_seeds).to_markdown())
     print("\n".join(_summary(rs, int(agg["flagged"].sum()), args.expected_seeds)))

@@ -73,6 +73,9 @@ class Table:
     def to_csv(self) -> str:
         return self.frame.to_csv(index=False)
 
+    def to_html(self) -> str:
+        return render_html(self)
+
     def write(self, out_dir: str | Path, stem: str, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
         """Write `<stem>.<fmt>` for each format; returns {file name: path}."""
         out_dir = Path(out_dir)
@@ -167,6 +170,41 @@ def render_latex(t: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _html_cell(c: Cell) -> str:
+    from html import escape
+
+    main = escape(c.text)
+    if c.bold and c.text != MISSING:
+        main = f"<strong>{main}</strong>"
+    extra = f' <span class="std">{escape(c.extra)}</span>' if c.extra else ""
+    marks = f"<sup>{escape(c.marks)}</sup>" if c.marks else ""
+    return main + extra + marks
+
+
+def render_html(t: Table) -> str:
+    """One <section>: the title, a <table> per block (block title as caption), then the footnotes."""
+    from html import escape
+
+    spec = t.align or "l" + "r" * (t.ncols - 1)
+    cls = {"l": "l", "r": "r", "c": "c"}
+    out = [f"<section class=\"table\"><h2>{escape(t.title)}</h2>"]
+    for block in t.blocks:
+        out.append("<table>")
+        if block.title:
+            out.append(f"<caption>{escape(block.title)}</caption>")
+        out.append("<thead><tr>" + "".join(f'<th class="{cls.get(a, "l")}">{escape(h)}</th>'
+                                           for h, a in zip(t.header, spec)) + "</tr></thead><tbody>")
+        for label, cells in block.rows:
+            tds = "".join(f'<td class="{cls.get(a, "r")}">{_html_cell(c)}</td>' for c, a in zip(cells, spec[1:]))
+            out.append(f'<tr><th class="l" scope="row">{escape(label)}</th>{tds}</tr>')
+        out.append("</tbody></table>")
+    if t.notes:
+        out.append('<ul class="notes">' + "".join(f"<li>{escape(m + ' ' if m else '')}{escape(text)}</li>"
+                                                  for m, text in t.notes) + "</ul>")
+    out.append("</section>")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------- number formatting
 def _isnum(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
@@ -230,8 +268,10 @@ def _bold_columns(rows: list[tuple[str, list[Cell]]], partial_avg: list[bool] | 
         _mark_best(column, eligible)
 
 
-def _score_cell(mean: float, std: float, flagged: bool) -> Cell:
-    return Cell(pct(mean), f"({pct(std)})", marks=FLAG_MARK if flagged else "")
+def _score_cell(mean: float, std: float, flagged: bool, n: Any = None) -> Cell:
+    """mean (std); a single run (n == 1) has no spread to show, so its cell is the mean alone."""
+    single = n is not None and not pd.isna(n) and int(n) == 1
+    return Cell(pct(mean), "" if single else f"({pct(std)})", marks=FLAG_MARK if flagged else "")
 
 
 def _block_title(k: Any, model: str, multi_model: bool) -> str:
@@ -250,8 +290,8 @@ def main_table(agg: pd.DataFrame, expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS
         by = {(r.method, r.task): r for r in blk.itertuples()}
         rows, partial = [], []
         for method in A.sort_methods(blk["method"]):
-            cells = [_score_cell(by[(method, t)].mean, by[(method, t)].std, by[(method, t)].flagged)
-                     if (method, t) in by else Cell() for t in tasks]
+            cells = [_score_cell(r.mean, r.std, r.flagged, r.n) if (r := by.get((method, t))) is not None else Cell()
+                     for t in tasks]
             a = A.block_frame(avgs, k, model)
             a = a[a["method"] == method].iloc[0]
             cells.append(Cell(pct(a["avg"]), marks=PARTIAL_MARK if a["partial"] else ""))
@@ -284,7 +324,7 @@ def _comparison_cells(rows: pd.DataFrame, tasks: list[str], kind: str) -> list[C
         elif kind == "upper":
             cells.append(Cell(pct(r.value), f"[{r.method}]", marks=FLAG_MARK if r.flagged else ""))
         else:
-            cells.append(_score_cell(r.value, r.std, r.flagged))
+            cells.append(_score_cell(r.value, r.std, r.flagged, r.n))
     return cells
 
 

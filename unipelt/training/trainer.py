@@ -19,6 +19,7 @@ from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order, eval_batches
 from .checkpoint import Checkpointer, load_optimizer_state
 from .cuda_graph import GraphedTrainStep, capturable_adamw
+from .tracking import RunTracker, check_log_with
 
 log = logging.getLogger("unipelt.train")
 
@@ -50,6 +51,7 @@ class TrainSettings:
     checkpoint_every_s: float = 0  # 0: checkpoint after every epoch; N: at most once per N seconds (sweeps of
     # short runs: a resumed run still continues bit-identically, from the last checkpoint written)
     inject_nan_at_step: int | None = None  # fault injection for tests: the loss becomes NaN at this step
+    log_with: str | None = None  # experiment tracker: tensorboard | wandb | mlflow (tracking.py); log.csv always
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "check_every"):
@@ -78,6 +80,7 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"train.{name} must be a positive integer or null, got {value!r}")
+        check_log_with(self.log_with, need_package=False)  # the package is checked when a run is planned
         if self.cuda_graph:
             self._check_cuda_graph()
 
@@ -142,6 +145,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
         self.progress = progress
         self.checkpoints = Checkpointer(run_dir / "checkpoint", config)
+        self.config = config
         self.best_state: dict | None = None
         # Live training state (read by the runner to describe a failure): step, epoch, history, ...
         self.state: dict = {"step": 0, "epoch": 0, "history": [], "resumed_from_epoch": 0}
@@ -204,6 +208,14 @@ class Trainer:
 
     # --- training -------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        main = self.accelerator.is_main_process  # one tracker run per training run, on the main process
+        tracker = RunTracker(self.settings.log_with if main else None, self.run_dir, self.run_dir.name, self.config)
+        try:
+            return self._fit(tracker)
+        finally:
+            tracker.close()
+
+    def _fit(self, tracker: RunTracker) -> FitResult:
         s = self.settings
         acc = self.accelerator
         if s.cuda_graph and acc.num_processes > 1:
@@ -263,6 +275,7 @@ class Trainer:
             row = {"epoch": epoch, "step": progress["step"], "train_loss": loss_sum, "dev_score": score,
                    "lr": float(scheduler.get_last_lr()[0]), "epoch_s": round(epoch_time, 3)}  # a tensor if capturable
             progress["history"].append(row)
+            tracker.log({k: row[k] for k in ("train_loss", "dev_score", "lr", "epoch")}, step=progress["step"])
             best_unsaved |= improved
             if acc.is_main_process and self._checkpoint_due(epoch, last_checkpoint):
                 saved = {k: v for k, v in progress.items() if k not in ("epoch", "resumed_from_epoch")}
