@@ -20,3 +20,17 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
+
+
+def _register_launcher() -> None:
+    """config.yaml's defaults name unipelt's `grouped` Hydra launcher. Hydra finds plugins by scanning the
+    `hydra_plugins` namespace, which misses an editable install; so the launcher is registered here, wherever the
+    configs are composed (every composer imports CONF_DIR from this module)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.unipelt_grouped.grouped_launcher import GroupedLauncher
+
+    Plugins.instance().register(GroupedLauncher)
+
+
+_register_launcher()

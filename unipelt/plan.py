@@ -204,6 +204,9 @@ def plan(cfg: DictConfig) -> RunPlan:
     threads = _check_optional_positive("runtime.threads", cfg.get("runtime", {}).get("threads"))
     for name in ("force", "save_modules", "progress"):
         _check_bool(f"output.{name}", cfg.output.get(name))
+    group = cfg.get("group") or {}
+    _check_bool("group.enabled", group.get("enabled", True))
+    _check_optional_positive("group.max_runs", group.get("max_runs"))
     tag = cfg.output.get("tag")
     if tag is not None and not NAME_RE.fullmatch(str(tag)):
         raise ConfigError(f"output.tag must be a name of letters, digits and _.+=- (it is part of the run id), "

@@ -26,6 +26,7 @@ from ..model import PeltModel
 from ..training.batching import Encoded, epoch_order
 from ..training.checkpoint import Checkpointer, load_optimizer_state
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
+from ..training.tracking import RunTracker
 from .engine import GroupEngine
 from .noise import NoiseBatch, RunNoise
 
@@ -252,6 +253,7 @@ class GroupTrainer:
             progress["resumed_from_epoch"] = start_epoch - 1
             progress["epoch"] = start_epoch - 1
             run.state = progress
+            run.tracker = RunTracker(s.log_with, run.run_dir, run.run_dir.name, run.config)
             run.last_checkpoint = time.perf_counter()
             run.best_unsaved = False
 
@@ -372,6 +374,7 @@ class GroupTrainer:
         p["history"].append({"epoch": epoch, "step": p["step"], "train_loss": loss, "dev_score": score,
                              "lr": float(run.scheduler.get_last_lr()[0]), "epoch_s": round(epoch_time, 3)})
         run.best_unsaved |= improved
+        run.tracker.log({k: p["history"][-1][k] for k in ("train_loss", "dev_score", "lr", "epoch")}, step=p["step"])
         if time.perf_counter() - run.last_checkpoint >= s.checkpoint_every_s and not self._done(run):
             saved = {k: v for k, v in p.items() if k not in ("epoch", "resumed_from_epoch")}
             run.checkpoints.save(epoch, self._snapshot(run), run.best_state if run.best_unsaved else None,
@@ -389,6 +392,11 @@ class GroupTrainer:
             history=p["history"], train_s=p["train_time"], train_step_s=p["train_time"] / max(p["step"], 1),
             train_epoch_s=p["train_time"] / max(epochs_run, 1), resumed_from_epoch=p["resumed_from_epoch"])
         run.status = "done"
+        run.tracker.close()
 
     def close(self) -> None:
+        for run in self.runs:
+            tracker = getattr(run, "tracker", None)
+            if tracker is not None:
+                tracker.close()
         self.engine.close()

@@ -1,0 +1,313 @@
+"""Grouped training (unipelt/grouping): many runs through one frozen encoder give each run what it gets alone."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import batch, randomize_
+from hydra import compose, initialize_config_dir
+
+from unipelt import PeltModel, preset, tiny_encoder
+from unipelt.confdir import CONF_DIR
+from unipelt.data import get_task
+from unipelt.grouping.engine import GroupEngine, NotGroupable, check_compatible
+from unipelt.grouping.runner import partition, solo_reason
+from unipelt.grouping.trainer import GroupRun, GroupTrainer
+from unipelt.plan import plan
+from unipelt.training.batching import Encoded
+from unipelt.training.trainer import Trainer, TrainSettings
+
+MIXED = [  # (method, lr, training seed, data seed): methods, learning rates, data and seeds all differ
+    ("adapter", 1e-3, 42, 1), ("prefix", 5e-3, 43, 2), ("lora", 5e-3, 44, 3), ("bitfit", 1e-3, 45, 4),
+    ("unipelt_apl", 1e-3, 46, 5), ("unipelt_apl_nogate", 1e-3, 47, 6), ("houlsby", 2e-3, 48, 7),
+    ("unipelt_ap", 1e-3, 42, 8),
+]
+
+
+def dropout_encoder(arch: str = "bert", hidden_p: float = 0.1, probs_p: float = 0.1):
+    """A tiny random encoder with dropout on (tiny_encoder has none), so the per-run dropout streams are tested."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               vocab_size=100, max_position_embeddings=64, hidden_dropout_prob=hidden_p,
+                               attention_probs_dropout_prob=probs_p)
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg, attn_implementation="eager")
+
+
+def toy_data(seed: int, n: int) -> Encoded:
+    g = torch.Generator().manual_seed(seed)
+    ids = [[1] + torch.randint(2, 100, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+           for _ in range(n)]
+    return Encoded(ids, None, torch.tensor([int(sum(x) % 2) for x in ids]))
+
+
+def build_group(specs, root: Path, epochs: int = 3, encoder=dropout_encoder, **settings):
+    model = PeltModel(encoder())
+    runs = []
+    for method, lr, seed, data_seed in specs:
+        name = f"{method}_{seed}_{data_seed}"
+        torch.manual_seed(seed)
+        model.add_task(name, preset(method), 2, activate=False)
+        s = TrainSettings(epochs=epochs, batch_size=4, eval_batch_size=8, lr=lr, seed=seed, patience=5, **settings)
+        runs.append(GroupRun(name, get_task("rte"), s, toy_data(data_seed, 10), toy_data(data_seed + 100, 9),
+                             root / name))
+    return model, runs
+
+
+def train(model, runs, max_length: int = 24):
+    trainer = GroupTrainer(model, runs, 0, max_length, "cpu", progress=False)
+    trainer.step_losses = {}
+    trainer.fit()
+    params = {r.name: {k: p.detach().clone() for k, p in model.trainable_named_parameters(r.name).items()}
+              for r in runs}
+    return trainer.step_losses, params
+
+
+# --- the forward ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet"])
+def test_grouped_forward_equals_each_task_alone(arch):
+    names = ["adapter", "houlsby", "prefix", "lora", "bitfit", "unipelt_apl", "unipelt_ap_nogate", "unipelt_aplb"]
+    model = PeltModel(tiny_encoder(arch, seed=0))
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        model.add_task(f"r{i}", preset(name), 2, activate=False)
+    randomize_(model.tasks)  # non-trivial LoRA B, adapter up-projections, gates, prefixes
+    model.eval()
+    engine = GroupEngine(model, [f"r{i}" for i in range(len(names))], max_length=16)
+    ids, mask = batch(0, b=3, t=9)
+    with torch.no_grad():
+        for runs in ([f"r{i}" for i in range(len(names))], ["r5", "r2"], ["r4"]):  # all, a subset, one
+            logits = engine.forward(runs, ids.repeat(len(runs), 1), mask.repeat(len(runs), 1))
+            for j, run in enumerate(runs):
+                model.set_active_task(run)
+                alone = model(ids, mask).logits
+                assert torch.allclose(logits[3 * j:3 * (j + 1)], alone, atol=1e-6), (arch, runs, run)
+    engine.close()
+    model.set_active_task("r0")  # the group's callables are gone: the model works as before
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, mask).logits).all()
+
+
+# --- the contract: each run trains as it would alone ----------------------------------------------------------
+def test_a_group_of_mixed_runs_trains_each_run_exactly_as_alone(tmp_path):
+    """8 runs that differ in method, learning rate, training seed and data; dropout on in the encoder (hidden and
+    attention probabilities) and the heads: every per-step loss, the dev metrics and the trained weights of each
+    run match training it alone (fp32 CPU, 1e-5)."""
+    model, runs = build_group(MIXED, tmp_path / "group")
+    losses, params = train(model, runs)
+    group_dev = {r.name: r.result.dev_metrics for r in runs}
+    assert all(r.status == "done" and r.result.epochs_run == 3 for r in runs)
+    for spec in MIXED:
+        model, (run,) = build_group([spec], tmp_path / "alone")
+        alone_losses, alone_params = train(model, [run])
+        grouped = torch.tensor(losses[run.name])
+        assert len(grouped) == 9  # 3 epochs x 3 steps
+        assert torch.allclose(grouped, torch.tensor(alone_losses[run.name]), atol=1e-5), run.name
+        assert run.result.dev_metrics == pytest.approx(group_dev[run.name], abs=1e-5)
+        for key, value in alone_params[run.name].items():
+            assert torch.allclose(params[run.name][key], value, atol=1e-5), (run.name, key)
+    # and dropout really acted: the same run with dropout off trains differently
+    model, (run,) = build_group([MIXED[2]], tmp_path / "nodrop", encoder=lambda: dropout_encoder(hidden_p=0, probs_p=0))
+    no_dropout, _ = train(model, [run])
+    assert not torch.allclose(torch.tensor(no_dropout[run.name]), torch.tensor(losses[run.name]), atol=1e-4)
+
+
+def test_alone_in_the_engine_matches_the_per_run_trainer_when_there_is_no_randomness(tmp_path):
+    """Without dropout (no random streams to differ), a group of one and the per-run Trainer compute the same
+    training: same AdamW, schedule, early stopping, per-epoch losses and dev scores."""
+    spec = ("unipelt_apl", 2e-3, 42, 3)
+    no_dropout = lambda: dropout_encoder(hidden_p=0.0, probs_p=0.0)  # noqa: E731
+    model, (run,) = build_group([spec], tmp_path / "group", epochs=4, encoder=no_dropout)
+    for head in (model.tasks[run.name].head,):
+        head.dropout.p = 0.0
+    train(model, [run])
+    model2, (run2,) = build_group([spec], tmp_path / "trainer", epochs=4, encoder=no_dropout)
+    model2.tasks[run2.name].head.dropout.p = 0.0
+    model2.set_active_task(run2.name)
+    fit = Trainer(model2, run2.spec, run2.train, run2.dev, run2.settings, 0, run2.run_dir, progress=False).fit()
+    assert [h["train_loss"] for h in run.result.history] == pytest.approx([h["train_loss"] for h in fit.history],
+                                                                          abs=1e-5)
+    assert [h["dev_score"] for h in run.result.history] == pytest.approx([h["dev_score"] for h in fit.history])
+    assert run.result.best_epoch == fit.best_epoch
+
+
+def test_a_nan_in_one_run_fails_that_run_and_the_others_train_as_without_it(tmp_path):
+    model, runs = build_group(MIXED[:4], tmp_path / "a")
+    runs[1].settings.inject_nan_at_step = 4
+    losses, params = train(model, runs)
+    assert runs[1].status == "failed" and runs[1].failure.step == 4
+    assert [r.status for i, r in enumerate(runs) if i != 1] == ["done"] * 3
+    model, clean = build_group([s for i, s in enumerate(MIXED[:4]) if i != 1], tmp_path / "b")
+    clean_losses, clean_params = train(model, clean)
+    for run in clean:
+        assert torch.allclose(torch.tensor(losses[run.name]), torch.tensor(clean_losses[run.name]), atol=1e-6)
+        for key, value in clean_params[run.name].items():
+            assert torch.equal(params[run.name][key], value) or torch.allclose(params[run.name][key], value, atol=1e-6)
+
+
+# --- what may share a group -----------------------------------------------------------------------------------
+def config(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_runs_that_cannot_share_a_forward_are_split_never_merged():
+    base = ["task=rte", "data.k=100", "method=lora"]
+    plans = [plan(config(*o)) for o in (
+        base, [*base[:2], "method=adapter"], [*base, "data.seed=222"],   # one group: same task, K, lengths, ...
+        ["task=sst2", "data.k=100", "method=lora"],                        # another task
+        ["task=rte", "data.k=500", "method=lora"],                         # another K
+        [*base, "data.max_length=64"],                                     # another max length
+        [*base, "train.mixed_precision=bf16"],                             # another precision
+        [*base, "model.num_layers=2"],                                     # another encoder
+        [*base, "train.batch_size=8"],                                     # another batch size
+        [*base, "method.pelt.methods.lora.r=4", "data.seed=333"],         # LoRA tensors of another shape
+    )]
+    groups = partition(plans, max_runs=16)
+    assert [len(g) for g in groups] == [3, 1, 1, 1, 1, 1, 1, 1]
+    assert [p.method for p in groups[0]] == ["lora", "adapter", "lora"]
+    assert len(partition(plans[:3], max_runs=2)) == 2  # the size limit splits too
+
+
+def test_runs_the_engine_does_not_cover_train_alone_and_say_why():
+    assert solo_reason(p := plan(config("method=lora")), config("method=lora")) is None and p.method == "lora"
+    cases = {
+        ("method=finetune",): "full fine-tuning",
+        ("method=lora", "method.pelt.gate_pooling=all"): "gate_pooling='all'",
+        ("method=lora", "method.pelt.methods.lora.dropout=0.1"): "LoRA dropout",
+        ("method=lora", "train.compile=true"): "train.compile",
+        ("method=lora", "group.enabled=false"): "group.enabled=false",
+    }
+    for overrides, reason in cases.items():
+        cfg = config(*overrides)
+        assert reason in solo_reason(plan(cfg), cfg), overrides
+    with pytest.raises(NotGroupable, match="cannot share a group"):
+        check_compatible([preset("lora"), preset("lora").__class__.from_dict({"methods": {"lora": {"r": 4}}})])
+
+
+# --- end to end: records, kill -9, devices --------------------------------------------------------------------
+TINY = ["model.num_layers=1", "data.k=32", "data.dev_size=16", "data.max_length=32", "output.progress=false",
+        "runtime.threads=1", "task=rte"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def cli(args, runs: Path):
+    return subprocess.Popen([sys.executable, "-m", "unipelt.run", *args, f"output.runs_dir={runs}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def record(runs: Path, rid: str) -> dict:
+    return json.loads((runs / rid / "record.json").read_text())
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_group_then_rerun_resumes_unfinished_runs_and_keeps_finished_ones(tmp_path):
+    runs, reference = tmp_path / "runs", tmp_path / "reference"
+    sweep = ["-m", *TINY, "method=lora,unipelt_apl", "data.seed=111,222", "train.epochs=6", "train.patience=100"]
+    done = cli(["-m", *TINY, "method=lora", "data.seed=333", "train.epochs=6", "train.patience=100"], runs)
+    assert done.wait(300) == 0
+    finished = (runs / "rte-lora-k32-d333-s42" / "record.json").read_bytes()
+    ids = [f"rte-{m}-k32-d{s}-s42" for m in ("lora", "unipelt_apl") for s in (111, 222)]
+    proc = cli([*sweep[:-2], "data.seed=111,222,333", *sweep[-2:]], runs)
+    states = [runs / rid / "checkpoint" / "state.json" for rid in ids]
+    try:
+        deadline = time.monotonic() + 300
+        while not all(s.is_file() and json.loads(s.read_text())["epoch"] >= 2 for s in states):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not any((runs / rid / "record.json").exists() for rid in ids), "killed runs leave no record"
+    killed_at = {rid: json.loads(s.read_text())["epoch"] for rid, s in zip(ids, states)}
+    rerun = cli([*sweep[:-2], "data.seed=111,222,333", *sweep[-2:]], runs)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "skip rte-lora-k32-d333-s42: complete record exists" in out
+    assert (runs / "rte-lora-k32-d333-s42" / "record.json").read_bytes() == finished
+    ref = cli(sweep, reference)
+    assert ref.wait(300) == 0
+    for rid in ids:
+        got, want = record(runs, rid), record(reference, rid)
+        assert got["status"] == "complete" and got["resumed_from_epoch"] == killed_at[rid] >= 2
+        # the re-run's group also held unipelt_apl-d333 (5 runs), the reference's 4: results do not depend on it
+        assert got["group_size"] == 5 and want["group_size"] == 4
+        assert got["test_score"] == want["test_score"] and got["metrics"] == want["metrics"]
+        assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in want["history"]]
+        assert not (runs / rid / "checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_a_multirun_is_grouped_and_its_records_say_so_and_report_like_any_other(tmp_path):
+    from unipelt.report.records import load_records
+
+    runs = tmp_path / "runs"
+    proc = cli(["-m", *TINY, "method=lora,adapter,bitfit", "data.seed=111,222", "train.epochs=2"], runs)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "group of 6 runs (rte, k=32)" in out
+    recs = [json.loads(p.read_text()) for p in runs.glob("*/record.json")]
+    assert len(recs) == 6 and {r["group_size"] for r in recs} == {6} and {r["status"] for r in recs} == {"complete"}
+    loaded = load_records(runs)
+    assert len(loaded.records) == 6
+
+
+def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import sweep
+
+    assert sweep.slots(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert sweep.visible_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
+    extra = [f"output.runs_dir={tmp_path}", "model.num_layers=1"]
+    todo = [o for o in sweep.grid(type("A", (), {"ks": "100,500", "seeds": "111,222", "tasks": "rte,stsb",
+                                                 "methods": "finetune,lora,unipelt_apl"})())]
+    jobs = sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=16)
+    sizes = sorted(len(j["runs"]) for j in jobs)
+    assert sizes == [1] * 8 + [4] * 4  # 8 fine-tuning runs alone, one group per (task, K)
+    for job in jobs:  # a group never mixes tasks or K
+        keys = {(dict(o.split("=", 1) for o in r)["task"], dict(o.split("=", 1) for o in r)["data.k"])
+                for r in job["runs"]}
+        assert len(keys) == 1
+    costs = [j["cost"] for j in jobs]
+    assert costs == sorted(costs, reverse=True)  # largest first: the longest groups start first
+    assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_groups_in_worker_processes_one_per_device_slot(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "experiments/sweep.py", "--runs-dir", str(runs), "--tasks", "rte", "--ks", "16",
+           "--seeds", "111,222", "--methods", "finetune,lora,unipelt_apl", "--devices", "cpu,cpu",
+           "--workers-per-device", "1", "--set", "model.num_layers=1", "--set", "train.epochs=2",
+           "--set", "data.dev_size=16", "--set", "data.max_length=32", "--log", str(tmp_path / "log.jsonl")]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=root, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"complete"}
+    assert sorted(r["group_size"] for r in rows) == [1, 1, 4, 4, 4, 4]
+    assert len(list(runs.glob("*/record.json"))) == 6
+
+
+def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
+    from unipelt.grouping.runner import execute_many
+    from unipelt.plan import ConfigError
+
+    for overrides, message in ((["group.max_runs=0"], "group.max_runs must be a positive integer or null, got 0"),
+                               (["group.enabled=maybe"], "group.enabled must be true or false, got 'maybe'")):
+        cfg = config("method=lora", *overrides, f"output.runs_dir={tmp_path / 'runs'}")
+        with pytest.raises(ConfigError, match=message):
+            plan(cfg)
+        (outcome,) = execute_many([cfg])
+        assert outcome.status == "error" and message in outcome.message
+    assert not (tmp_path / "runs").exists()
