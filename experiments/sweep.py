@@ -135,6 +135,8 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str]) -> No
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # several processes share a GPU: growable segments return less fragmented memory between groups
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     torch.set_num_threads(threads)

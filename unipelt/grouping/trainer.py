@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.adam import adam as adam_functional
 from tqdm.auto import tqdm
 
 from ..data import TaskSpec
@@ -31,7 +32,8 @@ from .engine import GroupEngine
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
-EVAL_ROWS = 4096  # most rows of one grouped evaluation forward (all runs together)
+EVAL_ROWS = 1024  # most rows of one grouped evaluation forward (all runs together): 4096 ran out of memory with
+# several group processes on one H100 (experiments/results/grouped_minilm/README.md)
 
 
 @dataclass
@@ -313,9 +315,7 @@ class GroupTrainer:
             for r in runs:
                 r.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            for r in runs:
-                r.optimizer.step()
-                r.scheduler.step()
+            self.step_optimizers(runs)
             index = torch.tensor(active, device=self.device)
             detached = losses.detach().float()
             running.index_add_(0, index, detached)
@@ -339,6 +339,38 @@ class GroupTrainer:
         for run, metrics in zip(survivors, dev_metrics):
             run.state["eval_time"] += eval_share
             self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
+
+    def step_optimizers(self, runs: list[GroupRun]) -> None:
+        """Each run's AdamW step, then its schedule. Runs whose hyper-parameters agree at this step (same LR, weight
+        decay, betas...) are stepped by one call of torch's Adam functional over all their tensors: the arithmetic
+        is per tensor (each with its own step count and moments), so every run gets exactly its own optimizer's
+        update, in a handful of kernel launches instead of one optimizer call per run."""
+        buckets: dict[tuple, list[list]] = {}
+        for run in runs:
+            opt = run.optimizer
+            group = opt.param_groups[0]
+            if len(opt.param_groups) != 1 or torch.is_tensor(group["lr"]) or "decoupled_weight_decay" not in group:
+                opt.step()  # not the layout bucketing assumes: the optimizer's own step
+                continue
+            lists: list[list] = [[], [], [], [], [], []]
+            has_complex = opt._init_group(group, *lists)  # the optimizer's own lazy state set-up and gathering
+            key = (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"], group["amsgrad"],
+                   group["maximize"], group["foreach"], group["capturable"], group["differentiable"], group["fused"],
+                   group["decoupled_weight_decay"], has_complex)
+            bucket = buckets.setdefault(key, [[], [], [], [], [], []])
+            for into, items in zip(bucket, lists):
+                into.extend(items)
+            opt._opt_called = True  # what Optimizer.step's wrapper records (the LR scheduler checks it)
+        for key, lists in buckets.items():
+            (lr, weight_decay, (beta1, beta2), eps, amsgrad, maximize, foreach, capturable, differentiable, fused,
+             decoupled, has_complex) = key
+            with torch.no_grad():  # as Optimizer.step runs it
+                adam_functional(*lists, amsgrad=amsgrad, has_complex=has_complex, beta1=beta1, beta2=beta2, lr=lr,
+                                weight_decay=weight_decay, eps=eps, maximize=maximize, foreach=foreach,
+                                capturable=capturable, differentiable=differentiable, fused=fused,
+                                decoupled_weight_decay=decoupled)
+        for run in runs:
+            run.scheduler.step()
 
     def _max_steps_hit(self, run: GroupRun) -> bool:
         return run.settings.max_steps is not None and run.state["step"] >= run.settings.max_steps
