@@ -157,7 +157,7 @@ class GroupEngine:
         """Gate values of per-run gates reading `x` itself (e.g. an adapter's input)."""
         if all(g is None for g in gates):
             return self._finish_gate(kind, layer, None, [False] * self.R)
-        values = self.gate_values(x, [gates])[:, 0]
+        values = self.gate_values(x, [gates], key=(kind, layer))[:, 0]
         return self._finish_gate(kind, layer, values, [g is not None for g in gates])
 
     def _finish_gate(self, kind: str, layer: int, values: torch.Tensor, gated: list[bool]):
@@ -179,47 +179,32 @@ class GroupEngine:
         return w, b
 
     def _layer_gate_lists(self):
-        L, h = self.info.num_layers, self.info.hidden_size
+        L = self.info.num_layers
         n = max(len(self._layer_gates.get(i, [])) for i in range(L))
-        weights, biases = [], []
-        zero_w, zero_b = None, None
         per_layer = [[[getter(m) if m is not None else None for m in self.methods(method_name)]
                       for _, method_name, getter in self._layer_gates.get(i, [])] for i in range(L)]
-        for r in range(self.R):
-            for i in range(L):
-                kinds = per_layer[i]
-                for j in range(n):
-                    g = kinds[j][r] if j < len(kinds) else None
-                    if g is None:
-                        if zero_w is None:
-                            zero_w, zero_b = torch.zeros(1, h, device=self.device), torch.zeros(1, device=self.device)
-                        weights.append(zero_w)
-                        biases.append(zero_b)
-                    else:
-                        weights.append(g.proj.weight)
-                        biases.append(g.proj.bias)
-        return weights, biases, n
+        ordered = [per_layer[i][j][r] if j < len(per_layer[i]) else None
+                   for r in range(self.R) for i in range(L) for j in range(n)]
+        return (*self._gate_tensors(ordered), n)
 
-    def gate_values(self, x: torch.Tensor, per_kind: list[list[Gate | None]]) -> torch.Tensor:
-        """(R*B, n): mean over real tokens of sigmoid(w . x + b), one column per gate kind, batched over runs."""
-        R = self.R
-        h = x.shape[-1]
-        weights, biases = [], []
-        zero_w, zero_b = None, None
-        for r in range(R):
-            for gates in per_kind:
-                g = gates[r]
-                if g is None:
-                    if zero_w is None:
-                        zero_w, zero_b = x.new_zeros(1, h, dtype=torch.float32), x.new_zeros(1, dtype=torch.float32)
-                    weights.append(zero_w)
-                    biases.append(zero_b)
-                else:
-                    weights.append(g.proj.weight)
-                    biases.append(g.proj.bias)
+    def _gate_tensors(self, gates: list) -> tuple[list, list]:
+        """Weights and biases of `gates` in order; a zero gate (no gradient) stands in for None."""
+        zero_w = torch.zeros(1, self.info.hidden_size, device=self.device)
+        zero_b = torch.zeros(1, device=self.device)
+        return ([zero_w if g is None else g.proj.weight for g in gates],
+                [zero_b if g is None else g.proj.bias for g in gates])
+
+    def gate_values(self, x: torch.Tensor, per_kind: list[list[Gate | None]], key=None) -> torch.Tensor:
+        """(R*B, n): mean over real tokens of sigmoid(w . x + b), one column per gate kind, batched over runs
+        (`key`: the gate lists are built once per set of live runs)."""
         n = len(per_kind)
-        w = torch.cat(weights).view(R, n, h)
-        b = torch.cat(biases).view(R, 1, n)
+
+        def lists():
+            return self._gate_tensors([per_kind[j][r] for r in range(self.R) for j in range(n)])
+
+        weights, biases = lists() if key is None else self.tensor_list(("gates", key), lists)
+        w = torch.cat(weights).view(self.R, n, -1)
+        b = torch.cat(biases).view(self.R, 1, n)
         return self._gate_values_with(x, w, b)
 
     def _gate_values_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

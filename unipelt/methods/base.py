@@ -88,8 +88,16 @@ class PeltMethod(nn.Module):
 
     @classmethod
     def group_key(cls, config: "MethodConfig") -> tuple:
-        """Settings that must be equal for runs of this method to share a group (shapes of stacked tensors)."""
+        """Settings that must be equal for runs of this method to share a group (shapes of stacked tensors); raise
+        `not_groupable(reason)` for settings the grouped implementation does not cover."""
         return ()
+
+
+def not_groupable(reason: str) -> Exception:
+    """The error a method's `group_key` raises for settings that train alone (see grouping.engine.NotGroupable)."""
+    from ..grouping.engine import NotGroupable
+
+    return NotGroupable(f"{reason}; such runs train alone")
 
     def gates(self) -> dict[str, list[Gate]]:
         """Gate modules by submodule name, one per layer (empty for ungated methods)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gates import Gate, scale
-from .base import MethodConfig, PeltMethod, register_method
+from .base import MethodConfig, PeltMethod, not_groupable, register_method
 
 
 @dataclass
@@ -63,9 +63,7 @@ class BitFitMethod(PeltMethod):
     @classmethod
     def group_key(cls, config: BitFitConfig) -> tuple:
         if config.include_layernorm:
-            from ..grouping.engine import NotGroupable
-
-            raise NotGroupable("BitFit with include_layernorm=True is not grouped (it trains alone)")
+            raise not_groupable("BitFit with include_layernorm=True is not grouped")
         return ()
 
     @classmethod

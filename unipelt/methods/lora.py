@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..gates import Gate, scale
-from .base import MethodConfig, PeltMethod, register_method
+from .base import MethodConfig, PeltMethod, not_groupable, register_method
 
 GATE_MODES = ("replace", "multiply")
 
@@ -96,7 +96,7 @@ class LoraMethod(PeltMethod):
     @classmethod
     def group_key(cls, config: LoraConfig) -> tuple:
         if config.dropout:
-            raise _not_groupable(f"LoRA dropout {config.dropout} (per-run dropout on LoRA inputs is not grouped)")
+            raise not_groupable(f"LoRA dropout {config.dropout} is not grouped (per-run dropout on LoRA inputs)")
         return (config.r,)
 
     @classmethod
@@ -147,8 +147,3 @@ def _group_delta(engine, role: str, layer: int):
 
     return delta
 
-
-def _not_groupable(reason: str):
-    from ..grouping.engine import NotGroupable
-
-    return NotGroupable(reason)

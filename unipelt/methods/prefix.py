@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..gates import Gate, scale
-from .base import MethodConfig, PeltMethod, register_method
+from .base import MethodConfig, PeltMethod, not_groupable, register_method
 
 
 @dataclass
@@ -102,9 +102,7 @@ class PrefixMethod(PeltMethod):
     @classmethod
     def group_key(cls, config: PrefixConfig) -> tuple:
         if config.dropout:
-            from ..grouping.engine import NotGroupable
-
-            raise NotGroupable(f"prefix dropout {config.dropout} is not grouped (it trains alone)")
+            raise not_groupable(f"prefix dropout {config.dropout} is not grouped")
         return (config.length,)
 
     @classmethod
