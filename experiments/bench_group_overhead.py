@@ -2,8 +2,11 @@
 
 A grouped step on a GPU is launch-bound when the host takes longer to issue it than the GPU to run it. This
 measures the host side alone: a tiny encoder (hidden 16, 6 layers) makes the arithmetic negligible, so the times
-are Python + dispatch + autograd bookkeeping per step, for R runs of the 7 grouped methods (bitfit, adapter, prefix,
-lora, unipelt_ap, unipelt_apl, unipelt_apl_nogate), batch 4 per run. Prints a Markdown table.
+are mostly Python + dispatch + autograd bookkeeping per step, for R runs of the 7 grouped methods (bitfit, adapter,
+prefix, lora, unipelt_ap, unipelt_apl, unipelt_apl_nogate), batch 4 per run. Prints a Markdown table.
+Read it with two caveats: the tensors still grow with R, so at R=35 a CPU spends part of the time on arithmetic that
+a GPU does in microseconds; and on CPU AdamW runs tensor by tensor, where CUDA runs one fused launch per bucket of
+runs (GroupTrainer.step_optimizers), so the optimizer column is a CPU artefact.
 
     python experiments/bench_group_overhead.py [--runs 1,7,35] [--steps 6]
 """
@@ -56,6 +59,7 @@ def measure(R: int, steps: int) -> dict:
         for r in runs:
             r.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        trainer.engine.route_grads()
         t3 = time.perf_counter()
         trainer.step_optimizers(runs)
         t4 = time.perf_counter()

@@ -50,6 +50,7 @@ class GroupEngine:
         self._layer_gates: dict[int, list[tuple[str, str, object]]] = {}
         self._prefix_provider = None
         self._lists: dict = {}
+        self._routes: list = []  # (stacked leaf, its parameters) of the last training forward: see route_grads
         self.prefix_length = 0
         self.step: GroupStep | None = None
         self.gate_log: dict[str, list[torch.Tensor | None]] = {}
@@ -97,10 +98,34 @@ class GroupEngine:
         def build():
             if not parameters:
                 return torch.stack(self._flat(name, tensors, shape))
-            return torch.stack(self.tensor_list(("stack", key), lambda: self._flat(name, tensors, shape)))
+            return self.stack_parameters(self.tensor_list(("stack", key), lambda: self._flat(name, tensors, shape)))
 
         flat = self.cached(("stack", key), build)
         return flat.view(self.R, -1, *shape)
+
+    def stack_parameters(self, params: list) -> torch.Tensor:
+        """torch.stack of parameters (and zero stand-ins). While training, the stack is made outside autograd and
+        becomes a leaf of its own; `route_grads()` after the backward hands each parameter its slice of that
+        leaf's gradient (a view). Same gradients as stacking through autograd, without a StackBackward that splits
+        them and one AccumulateGrad per parameter of every run: the host work of a step no longer grows with the
+        number of parameters per run."""
+        if not torch.is_grad_enabled():
+            return torch.stack(params)
+        with torch.no_grad():
+            stacked = torch.stack(params)
+        stacked.requires_grad_(True)
+        self._routes.append((stacked, params))
+        return stacked
+
+    def route_grads(self) -> None:
+        """After backward: give every stacked parameter its gradient (a view of its stack's gradient)."""
+        for stacked, params in self._routes:
+            if stacked.grad is None:
+                continue
+            for param, grad in zip(params, stacked.grad.unbind(0)):
+                if param.requires_grad:  # zero stand-ins for runs without the tensor have none
+                    param.grad = grad if param.grad is None else param.grad + grad
+        self._routes = []
 
     def tensor_list(self, key, build) -> list:
         """A list of tensors that depends only on the live runs, built once per set of runs."""
@@ -174,8 +199,8 @@ class GroupEngine:
         forward for all layers (zeros where a run lacks that gate)."""
         L = self.info.num_layers
         weights, biases, n = self.tensor_list("layer_gate_lists", self._layer_gate_lists)
-        w = torch.cat(weights).view(self.R, L, n, -1)
-        b = torch.cat(biases).view(self.R, L, 1, n)
+        w = self.stack_parameters(weights).view(self.R, L, n, -1)
+        b = self.stack_parameters(biases).view(self.R, L, 1, n)
         return w, b
 
     def _layer_gate_lists(self):
@@ -203,8 +228,8 @@ class GroupEngine:
             return self._gate_tensors([per_kind[j][r] for r in range(self.R) for j in range(n)])
 
         weights, biases = lists() if key is None else self.tensor_list(("gates", key), lists)
-        w = torch.cat(weights).view(self.R, n, -1)
-        b = torch.cat(biases).view(self.R, 1, n)
+        w = self.stack_parameters(weights).view(self.R, n, -1)
+        b = self.stack_parameters(biases).view(self.R, 1, n)
         return self._gate_values_with(x, w, b)
 
     def _gate_values_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -319,6 +344,7 @@ class GroupEngine:
             self.gate_log = {}
         state.begin(attention_mask, self.model.encoder.dtype)
         state.active = GROUP
+        self._routes = []
         try:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
@@ -335,7 +361,7 @@ class GroupEngine:
         C = heads[0].num_labels
         params = self.tensor_list("head_params", lambda: [[getattr(getattr(hd, m), a) for hd in heads]
                                                           for m in ("dense", "out") for a in ("weight", "bias")])
-        dense_w, dense_b, out_w, out_b = (torch.stack(ts) for ts in params)  # (R, h, h), (R, h), (R, C, h), (R, C)
+        dense_w, dense_b, out_w, out_b = (self.stack_parameters(ts) for ts in params)  # (R,h,h) (R,h) (R,C,h) (R,C)
         dense_b, out_b = dense_b.unsqueeze(1), out_b.unsqueeze(1)
         x = hidden[:, 0].reshape(R, B, h)
         noise = self.step.noise

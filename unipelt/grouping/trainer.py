@@ -315,6 +315,7 @@ class GroupTrainer:
             for r in runs:
                 r.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
+            self.engine.route_grads()
             self.step_optimizers(runs)
             index = torch.tensor(active, device=self.device)
             detached = losses.detach().float()
