@@ -93,12 +93,6 @@ class PeltMethod(nn.Module):
         return ()
 
 
-def not_groupable(reason: str) -> Exception:
-    """The error a method's `group_key` raises for settings that train alone (see grouping.engine.NotGroupable)."""
-    from ..grouping.engine import NotGroupable
-
-    return NotGroupable(f"{reason}; such runs train alone")
-
     def gates(self) -> dict[str, list[Gate]]:
         """Gate modules by submodule name, one per layer (empty for ungated methods)."""
         return {}
@@ -109,3 +103,10 @@ def not_groupable(reason: str) -> Exception:
     def size_report(self) -> dict[str, int]:
         """Extra parameter counts worth reporting (e.g. prefix-tuning's folded size)."""
         return {}
+
+
+def not_groupable(reason: str) -> Exception:
+    """The error a method's `group_key` raises for settings that train alone (see grouping.engine.NotGroupable)."""
+    from ..grouping.engine import NotGroupable
+
+    return NotGroupable(f"{reason}; such runs train alone")
