@@ -339,3 +339,13 @@ def test_bucketed_optimizer_step_is_each_runs_own_adamw_step(tmp_path):
     for name, params in results[0].items():
         for key, value in params.items():
             assert torch.equal(value, results[1][name][key]), (name, key)
+
+
+def test_an_encoder_dropout_the_backbone_map_misses_refuses_grouping():
+    """A dropout the map does not name would draw from torch's global stream and tie the runs together."""
+    model = PeltModel(dropout_encoder())
+    model.add_task("a", preset("lora"), 2)
+    GroupEngine(model, ["a"], max_length=16).close()  # BERT's dropouts are all covered
+    model.encoder.encoder.layer[1].intermediate.extra_dropout = torch.nn.Dropout(0.1)
+    with pytest.raises(NotGroupable, match=r"encoder\.layer\.1\.intermediate\.extra_dropout"):
+        GroupEngine(model, ["a"], max_length=16)

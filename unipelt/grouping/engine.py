@@ -57,6 +57,7 @@ class GroupEngine:
         for name in self.method_names:
             method_class(name).attach_group(self)
         self._attach_dropout_and_attention()
+        self._check_dropouts_covered()
         cfg = model.encoder.config
         self.noise_layout = NoiseLayout(self.info.hidden_size, self.info.num_heads, self.info.num_layers, max_length,
                                         self.prefix_length)
@@ -260,6 +261,23 @@ class GroupEngine:
             self.injector.site(i, bb.attn_output_site).set_replace(GROUP, self._dropout(("attn", i)))
             self.injector.site(i, bb.ffn_output_site).set_replace(GROUP, self._dropout(("ffn", i)))
             self.injector.attention_site(i).set_replace(GROUP, self._attention(i))
+
+    def _check_dropouts_covered(self) -> None:
+        """Every active dropout of the encoder must draw per-run noise: one the backbone map does not name would draw
+        from torch's global stream and silently tie the runs of a group together."""
+        from ..sites import ModuleSite, PrefixAttentionSite
+
+        covered = set()
+        for module in self.model.encoder.modules():
+            if isinstance(module, ModuleSite) and GROUP in module._replace:
+                covered.add(id(module.base))
+            if isinstance(module, PrefixAttentionSite) and GROUP in module._replace:
+                covered.update(id(m) for m in module.base.modules())  # its attention is recomputed here
+        loose = [name for name, m in self.model.encoder.named_modules()
+                 if isinstance(m, torch.nn.Dropout) and m.p > 0 and id(m) not in covered]
+        if loose:
+            raise NotGroupable(f"encoder dropout(s) {loose} are not covered by the backbone map's dropout sites; "
+                               "grouped runs would share their random masks (add them to unipelt/backbones.py)")
 
     def _dropout(self, name):
         def fn(x: torch.Tensor) -> torch.Tensor:
