@@ -138,18 +138,17 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
         index = {id(p): i for i, p in grouped}
         for members in partition(plans, limit):
             show = progress if progress is not None else bool(cfgs[index[id(members[0])]].output.progress)
-            for p, outcome in zip(members, run_group(members, dev, show)):
+            try:
+                results = run_group(members, dev, show)
+            except USER_ERRORS as err:  # e.g. the encoder cannot be loaded: every member says so, no record
+                results = [Outcome(p.run_id, "error", message=_message(err), error=err) for p in members]
+            for p, outcome in zip(members, results):
                 outcomes[index[id(p)]] = outcome
     return outcomes
 
 
 def _config_max_runs(cfg) -> int | None:
-    value = (cfg.get("group") or {}).get("max_runs")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"group.max_runs must be a positive integer or null (automatic), got {value!r}")
-    return value
+    return (cfg.get("group") or {}).get("max_runs")  # validated by plan()
 
 
 def _run_alone(cfg, p: RunPlan, execute_single) -> Outcome:
