@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Low-resource sweep chunk on the lent GPU (device tool), resuming from records already in the runs dir.
+# Low-resource sweep chunk on the lent GPU (device tool), packed (one run per process; the way the committed
+# low_resource_minilm records were made), resuming from records already in the runs dir.
 # Phase 1 (P1 seconds, 0 = skip) runs one experiment at a time (the "before" throughput); phase 2 packs WORKERS
 # processes on the GPU until BUDGET seconds after this script started, leaving MARGIN seconds for the runs in
 # flight to finish (a run still going at the hard stop is killed with the pool and redone by the next chunk).
@@ -13,9 +14,9 @@ common=(--runs-dir "$runs" --set model.path=.dev/minilm --set data.dir=.dev/glue
         --set train.eval_batch_size=256 --set train.checkpoint_every_s=120)
 budget=${BUDGET:-560}; margin=${MARGIN:-200}
 if [ "${P1:-0}" != 0 ]; then
-  python3 experiments/sweep.py "${common[@]}" --workers 1 --deadline "$P1" 2>&1 | grep -E "runs to do|error|finished" | tail -20
+  python3 experiments/sweep.py --mode packed "${common[@]}" --workers 1 --deadline "$P1" 2>&1 | grep -E "runs to do|error|finished" | tail -20
 fi
 left=$((budget - SECONDS))
-timeout -s KILL $((left - 15)) python3 experiments/sweep.py "${common[@]}" --workers "${WORKERS:-16}" \
+timeout -s KILL $((left - 15)) python3 experiments/sweep.py --mode packed "${common[@]}" --workers "${WORKERS:-16}" \
   --deadline $((left - margin)) 2>&1 | grep -E "runs to do|error|finished" | tail -20
 tar czf "$out/runs.tgz" --exclude=checkpoint --exclude='*.lock' "$runs"
