@@ -349,3 +349,18 @@ def test_an_encoder_dropout_the_backbone_map_misses_refuses_grouping():
     model.encoder.encoder.layer[1].intermediate.extra_dropout = torch.nn.Dropout(0.1)
     with pytest.raises(NotGroupable, match=r"encoder\.layer\.1\.intermediate\.extra_dropout"):
         GroupEngine(model, ["a"], max_length=16)
+
+
+def test_records_from_before_grouping_count_as_per_run_trainer_records():
+    """Records written before `group.enabled` existed were made by the per-run trainer: they match
+    group.enabled=false (skipped on re-run) and differ from the grouped engine (whose dropout masks differ)."""
+    import glob
+
+    from unipelt.training.record import config_diff
+
+    path = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "experiments/results/low_resource_minilm/runs"
+                                "/*-lora-k100-d111-s42/record.json")))[0]
+    old = json.loads(Path(path).read_text())["config"]
+    assert "group" not in old
+    assert not any(d.startswith("group.enabled") for d in config_diff(old, {**old, "group": {"enabled": False}}))
+    assert "group.enabled: (absent, i.e. False) -> True" in config_diff(old, {**old, "group": {"enabled": True}})

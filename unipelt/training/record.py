@@ -53,17 +53,22 @@ def result_config(config: dict) -> dict:
             if not any(k == skip or k.startswith(skip + ".") for skip in NON_RESULT_KEYS)}
 
 
+# Result-relevant keys added after records existed, with the value that describes how those older records were
+# made: a config without `group.enabled` was trained by the per-run trainer, i.e. group.enabled=false.
+LEGACY_VALUES = {"group.enabled": False}
+
+
 def config_diff(old: dict, new: dict, limit: int = 6) -> list[str]:
     """`key: old -> new` for every result-relevant setting that differs between two resolved configs (a key
     missing on one side counts as equal when the other side is null, so added options with null defaults do
-    not invalidate older runs)."""
+    not invalidate older runs; keys of LEGACY_VALUES count as their legacy value when missing)."""
     a, b = result_config(old), result_config(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
+        va, vb = a.get(key, LEGACY_VALUES.get(key)), b.get(key, LEGACY_VALUES.get(key))
         if va != vb:
-            old_value = repr(va) if key in a else "(absent)"
-            new_value = repr(vb) if key in b else "(absent)"
+            old_value = repr(va) if key in a else "(absent)" if key not in LEGACY_VALUES else f"(absent, i.e. {va!r})"
+            new_value = repr(vb) if key in b else "(absent)" if key not in LEGACY_VALUES else f"(absent, i.e. {vb!r})"
             diffs.append(f"{key}: {old_value} -> {new_value}")
     return diffs[:limit] + ([f"... {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
