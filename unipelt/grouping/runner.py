@@ -114,6 +114,7 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
 
     outcomes: list[Outcome | None] = [None] * len(cfgs)
     grouped: list[tuple[int, RunPlan]] = []
+    model_cfg = None  # the encoder's config, read by preflight: sizes groups from the real encoder's shape
     for i, cfg in enumerate(cfgs):
         try:
             p = plan(cfg)
@@ -123,7 +124,7 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
                 continue
             reason = solo_reason(p, cfg)
             if reason is None:
-                preflight(p)
+                model_cfg = preflight(p)
                 grouped.append((i, p))
                 continue
         except USER_ERRORS as err:
@@ -134,7 +135,7 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
     if grouped:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plans = [p for _, p in grouped]
-        limit = max_runs or _config_max_runs(cfgs[grouped[0][0]]) or auto_max_runs(plans, dev)
+        limit = max_runs or _config_max_runs(cfgs[grouped[0][0]]) or auto_max_runs(plans, dev, model_cfg)
         index = {id(p): i for i, p in grouped}
         for members in partition(plans, limit):
             show = progress if progress is not None else bool(cfgs[index[id(members[0])]].output.progress)

@@ -105,7 +105,6 @@ class GroupTrainer:
         self.engine = GroupEngine(model, [r.name for r in runs], max_length)
         self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
         self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
-        self.group_size = len(runs)
         self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
 
     # --- helpers ------------------------------------------------------------------------------------------------
