@@ -1,41 +1,50 @@
 #!/usr/bin/env bash
-# Side by side on one GPU in one call (device tool): the same slice of the MiniLM low-resource grid
-# (K=$K, 5 tasks x 5 seeds x 8 methods) grouped (sweep.py --mode grouped) and packed (16 processes, the per-run
-# trainer as before grouping: group.enabled=false), each from an empty runs folder, then the rest of the time on
-# the main sweep. Carry .whl .dev .sweep. Prints one JSON line per mode for sweep_throughput.json.
+# Side by side in one call (device tool): the same slice of the MiniLM low-resource grid (K=$K, 5 tasks x 5 seeds x
+# 8 methods) grouped (sweep.py --mode grouped: groups + solo workers for fine-tuning) and packed (16 processes, the
+# per-run trainer as before grouping: group.enabled=false), each from an empty runs folder and each on one H100.
+# With two GPUs visible (CONCURRENT=1, the default there) the two modes run at the same time, grouped on GPU 0 and
+# packed on GPU 1 (one host: 32 cores for 7 + 16 processes); with one GPU, one after the other.
+# Carry .whl .dev. Prints one JSON line per mode (rows of sweep_throughput.json) into $OUT/rows.jsonl.
+#   K=100 WINDOW=200 bash experiments/gpu_side_by_side.sh
 set -u
 out=${OUT:-side_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 K=${K:-100}
+WINDOW=${WINDOW:-200}   # seconds after which no new work starts (work in flight finishes)
 common=(--ks "$K" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
-        --set train.eval_batch_size=256 --set train.checkpoint_every_s=120)
+        --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --deadline "$WINDOW")
+ngpu=$(nvidia-smi -L | wc -l)
+CONCURRENT=${CONCURRENT:-$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)}
 dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-measure() {  # mode runs_dir extra...
-  local mode=$1 dir=$2; shift 2
+measure() {  # mode gpu runs_dir extra...
+  local mode=$1 gpu=$2 dir=$3; shift 3
   rm -rf "$dir"; mkdir -p "$dir"
-  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 > "$out/util_$mode.txt" & local smi=$!
+  nvidia-smi -i "$gpu" --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 > "$out/util_${mode}_k$K.txt" &
+  local smi=$!
   local t0=$(date +%s.%N)
-  python3 experiments/sweep.py --runs-dir "$dir" --mode "$mode" "${common[@]}" --log "$out/log_$mode.jsonl" "$@" 2>&1 \
-    | grep -E "runs to do|runs in|finished|error" | tail -5
+  CUDA_VISIBLE_DEVICES=$gpu python3 experiments/sweep.py --runs-dir "$dir" --mode "$mode" "${common[@]}" \
+    --log "$out/log_${mode}_k$K.jsonl" "$@" > "$out/sweep_${mode}_k$K.txt" 2>&1
   local t1=$(date +%s.%N); kill $smi
-  python3 - "$mode" "$dir" "$t0" "$t1" "$out/util_$mode.txt" "$dev" "$K" <<'PY' | tee -a "$out/rows.jsonl"
+  python3 - "$mode" "$dir" "$t0" "$t1" "$out/util_${mode}_k$K.txt" "$dev" "$K" "$CONCURRENT" <<'PY' | tee -a "$out/rows.jsonl"
 import glob, json, sys
-mode, d, t0, t1, util, dev, k = sys.argv[1:]
-n = sum(json.load(open(f)).get("status") == "complete" for f in glob.glob(f"{d}/*/record.json"))
+mode, d, t0, t1, util, dev, k, concurrent = sys.argv[1:]
+recs = [json.load(open(f)) for f in glob.glob(f"{d}/*/record.json")]
+n = sum(r.get("status") == "complete" for r in recs)
 wall = float(t1) - float(t0)
 u = [float(x) for x in open(util).read().split() if x.strip().replace(".", "").isdigit()]
 print(json.dumps({"k": int(k), "mode": mode, "gpus": 1, "runs": n, "wall_s": round(wall, 1),
                   "runs_per_hour": round(3600 * n / wall), "device": dev,
-                  "gpu_busy_mean_pct": round(sum(u) / max(len(u), 1), 1)}))
+                  "gpu_busy_mean_pct": round(sum(u) / max(len(u), 1), 1),
+                  "note": "both modes at once on two GPUs of one host" if concurrent == "1" else "one after the other"}))
 PY
 }
-measure grouped .sweep/side/grouped --workers-per-device "${WPD:-5}" --max-runs 35
-measure packed .sweep/side/packed --workers 16 --deadline "${PACKED_WINDOW:-120}" --set group.enabled=false
-tar czf "$out/side.tgz" --exclude=checkpoint --exclude='*.lock' --exclude=modules .sweep/side
-left=$((${BUDGET:-540} - SECONDS))
-if [ "$left" -gt 90 ]; then
-  timeout -s KILL $((left - 10)) python3 experiments/sweep.py --runs-dir .sweep/low_resource_minilm/runs --mode grouped \
-    --workers-per-device 4 --max-runs 35 --ks 100,500,1000 --deadline $((left - 80)) --log "$out/main_log.jsonl" \
-    "${common[@]:2}" 2>&1 | grep -E "runs to do|runs in|finished" | tail -3
+if [ "$CONCURRENT" = 1 ]; then
+  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}" &
+  measure packed 1 .sweep/side/packed_k$K --workers 16 --set group.enabled=false &
+  wait
+else
+  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}"
+  measure packed 0 .sweep/side/packed_k$K --workers 16 --set group.enabled=false
 fi
-tar czf "$out/runs.tgz" --exclude=checkpoint --exclude='*.lock' --exclude=modules .sweep/low_resource_minilm
+tail -n 3 "$out"/sweep_*_k$K.txt
+tar czf "$out/side_k$K.tgz" --exclude=checkpoint --exclude='*.lock' --exclude=modules .sweep/side/*_k$K

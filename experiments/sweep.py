@@ -111,9 +111,9 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int) -> list[
         p = plan(cfg)
         p.overrides = overrides
         (grouped if solo_reason(p, cfg) is None else solo).append(p)
-    jobs = [{"runs": [g.overrides for g in group], "cost": sum(_cost(g) for g in group) / len(group) ** 0.5}
-            for group in partition(grouped, max_runs)]
-    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p)} for p in solo]
+    jobs = [{"runs": [g.overrides for g in group], "cost": sum(_cost(g) for g in group) / len(group) ** 0.5,
+             "solo": False} for group in partition(grouped, max_runs)]
+    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p), "solo": True} for p in solo]
     return sorted(jobs, key=lambda j: -j["cost"])
 
 
@@ -128,8 +128,28 @@ def slots(devices: list[str], workers_per_device: int) -> list[str]:
     return [d for _ in range(workers_per_device) for d in devices]
 
 
+def solo_workers(devices: list[str], requested: int | None) -> int:
+    """Extra processes per device for the runs that train alone (full fine-tuning): each uses a sliver of a GPU,
+    so on a GPU several run beside the groups, as in packed mode (default 4); on CPU none (the group workers take
+    them once no group is left)."""
+    if requested is not None:
+        return requested
+    return 4 if any(d.startswith("cuda") for d in devices) else 0
+
+
+def next_job(pending: list[dict], solo_only: bool) -> dict | None:
+    """The next job for a worker: group workers take groups (largest first), and solo runs once no group is
+    left; solo workers take solo runs only."""
+    kinds = (True,) if solo_only else (False, True)
+    for solo in kinds:
+        for i, job in enumerate(pending):
+            if job["solo"] == solo:
+                return pending.pop(i)
+    return None
+
+
 # --- execution ------------------------------------------------------------------------------------------------
-def _slot_main(device: str, threads: int, jobs, results, extra: list[str]) -> None:
+def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worker: int) -> None:
     """A worker process on one device: take jobs until the queue says stop."""
     if device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
@@ -154,7 +174,8 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str]) -> No
             statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
         except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
             statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
-        results.put({"runs": job["runs"], "statuses": statuses, "device": device, "wall_s": time.perf_counter() - t0})
+        results.put({"runs": job["runs"], "statuses": statuses, "device": device, "wall_s": time.perf_counter() - t0,
+                     "worker": worker})
 
 
 def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
@@ -165,31 +186,43 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
     sizes = [len(j["runs"]) for j in jobs]
     print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}) on "
           f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
+    n_solo = solo_workers(devices, args.solo_workers_per_device) if any(j["solo"] for j in jobs) else 0
+    kinds = [(d, False) for d in slots(devices, args.workers_per_device)] + [(d, True) for d in slots(devices, n_solo)]
+    if n_solo:
+        print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
+              flush=True)
     ctx = mp.get_context("spawn")
-    job_queue, results = ctx.Queue(), ctx.Queue()
-    workers = [ctx.Process(target=_slot_main, args=(d, args.threads, job_queue, results, extra), daemon=True)
-               for d in slots(devices, args.workers_per_device)]
+    results = ctx.Queue()
+    queues = [ctx.Queue() for _ in kinds]
+    workers = [ctx.Process(target=_slot_main, args=(d, args.threads, q, results, extra, i), daemon=True)
+               for i, ((d, _), q) in enumerate(zip(kinds, queues))]
     for w in workers:
         w.start()
     pending = list(jobs)
-    in_flight = 0
+    busy = [False] * len(workers)
     finished = []
-    for _ in workers:  # prime every worker with one job
-        if pending:
-            job_queue.put(pending.pop(0))
-            in_flight += 1
-    while in_flight:
+
+    def feed(i: int) -> None:
+        late = args.deadline is not None and time.perf_counter() - start > args.deadline
+        job = None if late else next_job(pending, solo_only=kinds[i][1])
+        if job is not None:
+            queues[i].put(job)
+            busy[i] = True
+
+    for i in range(len(workers)):  # prime every worker with one job
+        feed(i)
+    while any(busy):
         try:
             result = results.get(timeout=5)
         except queue.Empty:
             if not any(w.is_alive() for w in workers):
                 break
             continue
-        in_flight -= 1
-        late = args.deadline is not None and time.perf_counter() - start > args.deadline
-        if pending and not late:
-            job_queue.put(pending.pop(0))
-            in_flight += 1
+        busy[result["worker"]] = False
+        feed(result["worker"])
+        for i in range(len(workers)):  # a group worker that found nothing earlier may take a solo run now
+            if not busy[i]:
+                feed(i)
         for overrides, status in zip(result["runs"], result["statuses"]):
             row = {"overrides": overrides, "status": status, "wall_s": result["wall_s"], "device": result["device"],
                    "group_size": len(result["runs"])}
@@ -198,8 +231,8 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
         print(f"[{time.perf_counter() - start:7.1f}s] {result['device']} group of {len(result['runs'])} "
               f"({' '.join(result['runs'][0][:1] + result['runs'][0][2:3])}): "
               f"{sum(s == 'complete' for s in result['statuses'])} complete in {result['wall_s']:.1f}s", flush=True)
-    for _ in workers:
-        job_queue.put(None)
+    for q in queues:
+        q.put(None)
     for w in workers:
         w.join(timeout=30)
     not_started = sum(len(j["runs"]) for j in pending)
@@ -283,6 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", default="auto", help="auto (every visible GPU, else cpu) or a list: cuda:0,cuda:1")
     p.add_argument("--workers-per-device", type=int, default=2, help="grouped: processes per device")
     p.add_argument("--max-runs", type=int, default=None, help="grouped: runs per group (default: from memory)")
+    p.add_argument("--solo-workers-per-device", type=int, default=None,
+                   help="grouped: extra processes per device for runs that train alone (default 4 on GPU, 0 on CPU)")
     p.add_argument("--workers", type=int, default=1, help="packed: worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new work starts")

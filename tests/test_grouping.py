@@ -281,6 +281,14 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     costs = [j["cost"] for j in jobs]
     assert costs == sorted(costs, reverse=True)  # largest first: the longest groups start first
     assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
+    # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
+    assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
+    pending = list(jobs)
+    assert sweep.next_job(pending, solo_only=True)["solo"]
+    firsts = [sweep.next_job(pending, solo_only=False) for _ in range(4)]
+    assert [len(j["runs"]) for j in firsts] == [4] * 4
+    assert sweep.next_job(pending, solo_only=False)["solo"]  # groups gone: a group worker takes a solo run
+    assert len(pending) == 6
 
 
 @pytest.mark.slow
@@ -339,6 +347,22 @@ def test_bucketed_optimizer_step_is_each_runs_own_adamw_step(tmp_path):
     for name, params in results[0].items():
         for key, value in params.items():
             assert torch.equal(value, results[1][name][key]), (name, key)
+
+
+def test_bf16_groups_keep_the_frozen_linears_in_bf16_with_the_same_training_as_autocast_casting_them(tmp_path):
+    """Under bf16 the trainer stores the frozen encoder's linears in bf16 once instead of letting autocast cast
+    them at every forward: every step's loss and the dev metrics are bit-identical (CPU autocast)."""
+    results = []
+    for cast in (True, False):
+        model, runs = build_group(MIXED[:4], tmp_path / str(cast), epochs=2, mixed_precision="bf16")
+        trainer = GroupTrainer(model, runs, 0, 24, "cpu", mixed_precision="bf16", progress=False, cast_frozen=cast)
+        trainer.step_losses = {}
+        trainer.fit()
+        dtypes = {m.weight.dtype for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)}
+        assert dtypes == ({torch.bfloat16} if cast else {torch.float32})
+        history = [[{k: v for k, v in h.items() if k != "epoch_s"} for h in r.result.history] for r in runs]
+        results.append((trainer.step_losses, history))
+    assert results[0] == results[1]
 
 
 def test_an_encoder_dropout_the_backbone_map_misses_refuses_grouping():

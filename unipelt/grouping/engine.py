@@ -11,6 +11,7 @@ supplies the stacking, the per-run gates and the per-run dropout (see noise.py).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,14 @@ from ..model import PeltModel
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
 
 GROUP = "__group__"
+
+
+def to_device(values, dtype, device) -> torch.Tensor:
+    """torch.tensor(values) on `device` without a host sync: `torch.tensor(..., device="cuda")` copies with a
+    blocking copy that waits for every queued kernel, so the host could never run ahead of a launch-bound GPU.
+    A non-blocking copy from pageable memory is staged by the driver at once, so `values` may go away."""
+    out = torch.tensor(values, dtype=dtype)
+    return out if torch.device(device).type == "cpu" else out.to(device, non_blocking=True)
 
 
 class NotGroupable(ValueError):
@@ -50,6 +59,9 @@ class GroupEngine:
         self._layer_gates: dict[int, list[tuple[str, str, object]]] = {}
         self._prefix_provider = None
         self._lists: dict = {}
+        self._constants: dict = {}
+        self._frozen: dict | None = None  # see frozen_parameters
+        self.mask_dtype = model.encoder.dtype  # fp32, also after GroupTrainer casts the frozen linears to bf16
         self._routes: list = []  # (stacked leaf, its parameters) of the last training forward: see route_grads
         self.prefix_length = 0
         self.step: GroupStep | None = None
@@ -84,24 +96,52 @@ class GroupEngine:
     def member_methods(self, name: str) -> list:
         return [self.model.tasks[m].methods[name] for m in self.members if name in self.model.tasks[m].methods]
 
-    def cached(self, key, build):
+    def cached(self, key, build, stable: bool = False):
+        """`build()` once per forward. `stable`: it depends only on the parameters (stacks, prefix states), so
+        inside `frozen_parameters()` it is built once for all the forwards of the pass."""
+        if stable and self._frozen is not None:
+            full = (key, tuple(self.step.runs))
+            if full not in self._frozen:
+                self._frozen[full] = build()
+            return self._frozen[full]
         cache = self.model.state.cache
         if key not in cache:
             cache[key] = build()
         return cache[key]
 
-    def stack(self, key, name: str, tensors, shape: tuple, parameters: bool = True) -> torch.Tensor:
+    @contextlib.contextmanager
+    def frozen_parameters(self):
+        """For a pass of forwards during which no parameter changes (an evaluation, under no_grad): the stacked
+        parameters, prefix keys/values, gate and head weights are built by the first forward and reused by the
+        rest, instead of re-stacking (and re-running every prefix MLP) for every batch."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("frozen_parameters() is for evaluation passes under torch.no_grad()")
+        self._frozen = {}
+        try:
+            yield
+        finally:
+            self._frozen = None
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype matmuls on `x` run in: autocast's, or x's own."""
+        kind = x.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+    def stack(self, key, name: str, tensors, shape: tuple, parameters: bool = True, dtype=None) -> torch.Tensor:
         """(R, n, *shape): `tensors(method)` gives the n tensors of one run (e.g. one per layer), or None for a run
         that lacks them (zeros, no gradient). One stacking kernel per forward, shared by all layers; the list of
         tensors to stack is built once per set of live runs (parameters keep their identity between steps);
-        `parameters=False` for tensors computed in the forward (rebuilt every time)."""
+        `parameters=False` for tensors computed from parameters in the forward (e.g. prefix states). `dtype`: the
+        stack cast once per forward (not once per layer that reads it); a cast is exact, as autocast's own is."""
 
         def build():
             if not parameters:
                 return torch.stack(self._flat(name, tensors, shape))
             return self.stack_parameters(self.tensor_list(("stack", key), lambda: self._flat(name, tensors, shape)))
 
-        flat = self.cached(("stack", key), build)
+        flat = self.cached(("stack", key), build, stable=True)
+        if dtype is not None and flat.dtype != dtype:
+            flat = self.cached(("stack", key, dtype), lambda: flat.to(dtype), stable=True)
         return flat.view(self.R, -1, *shape)
 
     def stack_parameters(self, params: list) -> torch.Tensor:
@@ -143,8 +183,16 @@ class GroupEngine:
         return [t for ts in per_run for t in (ts if ts is not None else [zero] * n)]
 
     def per_run(self, key, values) -> torch.Tensor:
-        """A (R,) float tensor on the model's device from one Python number per live run (cached per forward)."""
-        return self.cached(("per_run", key), lambda: torch.tensor(values, dtype=torch.float32, device=self.device))
+        """A (R,) float tensor on the model's device from one Python number per live run."""
+        return self.constant(("per_run", key), values, torch.float32)
+
+    def constant(self, key, values, dtype) -> torch.Tensor:
+        """A small device tensor from Python values, kept across forwards while the values stay the same: no
+        host-to-device copy per forward, and never one that waits for the GPU (see to_device)."""
+        full = (key, tuple(values), dtype)
+        if full not in self._constants:
+            self._constants[full] = to_device(values, dtype, self.device)
+        return self._constants[full]
 
     @property
     def device(self) -> torch.device:
@@ -171,7 +219,7 @@ class GroupEngine:
             none = self._finish_gate("", layer, None, [False] * self.R)
             return {kind: none for kind, _, _ in kinds}
         x = self.injector.layer_input(layer)
-        w, b = self.cached(("layer_gate_params",), self._layer_gate_params)  # one stack for all layers
+        w, b = self.cached(("layer_gate_params",), self._layer_gate_params, stable=True)  # one stack, all layers
         values = self._gate_values_with(x, w[:, layer], b[:, layer])  # (R*B, n)
         out = {}
         for j, (kind, _, _) in enumerate(kinds):
@@ -187,7 +235,7 @@ class GroupEngine:
         return self._finish_gate(kind, layer, values, [g is not None for g in gates])
 
     def _finish_gate(self, kind: str, layer: int, values: torch.Tensor, gated: list[bool]):
-        gated_t = self.cached(("gated", tuple(gated)), lambda: torch.tensor(gated, device=self.device))
+        gated_t = self.constant("gated", gated, torch.bool)
         if not any(gated):
             return None, gated_t
         if self.step.collect_gates:
@@ -228,9 +276,11 @@ class GroupEngine:
         def lists():
             return self._gate_tensors([per_kind[j][r] for r in range(self.R) for j in range(n)])
 
-        weights, biases = lists() if key is None else self.tensor_list(("gates", key), lists)
-        w = self.stack_parameters(weights).view(self.R, n, -1)
-        b = self.stack_parameters(biases).view(self.R, 1, n)
+        def stacks():
+            weights, biases = lists() if key is None else self.tensor_list(("gates", key), lists)
+            return self.stack_parameters(weights).view(self.R, n, -1), self.stack_parameters(biases).view(self.R, 1, n)
+
+        w, b = stacks() if key is None else self.cached(("gate_params", key), stacks, stable=True)
         return self._gate_values_with(x, w, b)
 
     def _gate_values_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -360,11 +410,13 @@ class GroupEngine:
         self.step = GroupStep(list(runs), input_ids.shape[0] // len(runs), noise, collect_gates)
         if collect_gates:
             self.gate_log = {}
-        state.begin(attention_mask, self.model.encoder.dtype)
+        state.begin(attention_mask, self.mask_dtype)
         state.active = GROUP
         self._routes = []
         try:
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            # The padding mask reaches attention through `state` (_key_mask). The encoder gets none: its own mask
+            # is unused here, and building it costs a host sync per forward (transformers asks mask.all()).
+            kwargs = {"input_ids": input_ids}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
             hidden = self.model.encoder(**kwargs).last_hidden_state
@@ -379,7 +431,8 @@ class GroupEngine:
         C = heads[0].num_labels
         params = self.tensor_list("head_params", lambda: [[getattr(getattr(hd, m), a) for hd in heads]
                                                           for m in ("dense", "out") for a in ("weight", "bias")])
-        dense_w, dense_b, out_w, out_b = (self.stack_parameters(ts) for ts in params)  # (R,h,h) (R,h) (R,C,h) (R,C)
+        dense_w, dense_b, out_w, out_b = self.cached(  # (R,h,h) (R,h) (R,C,h) (R,C)
+            ("head_params",), lambda: tuple(self.stack_parameters(ts) for ts in params), stable=True)
         dense_b, out_b = dense_b.unsqueeze(1), out_b.unsqueeze(1)
         x = hidden[:, 0].reshape(R, B, h)
         noise = self.step.noise

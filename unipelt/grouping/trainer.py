@@ -28,7 +28,7 @@ from ..training.batching import Encoded, epoch_order
 from ..training.checkpoint import Checkpointer, load_optimizer_state
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
-from .engine import GroupEngine
+from .engine import GroupEngine, to_device
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
@@ -77,23 +77,41 @@ class RowBank:
         self.ids = ids.to(device)
         self.types = tt.to(device) if self.has_types else None
         self.labels = torch.cat([split.labels for split in splits]).to(device)
+        self.length_t = torch.tensor(self.lengths).to(device)
+        self.positions = torch.arange(width).to(device)
         self.device = device
 
     def batch(self, rows: list[int]) -> dict:
+        """Inputs of `rows`, padded to their longest row. No host sync: the row list reaches the device through a
+        non-blocking copy and the mask is built there, so the host can queue steps ahead of the GPU."""
         width = max(self.lengths[i] for i in rows)
-        index = torch.tensor(rows, device=self.device)
+        index = to_device(rows, torch.long, self.device)
         ids = self.ids.index_select(0, index)[:, :width]
-        lengths = torch.tensor([self.lengths[i] for i in rows], device=self.device)
-        mask = (torch.arange(width, device=self.device)[None, :] < lengths[:, None]).long()
+        mask = (self.positions[:width][None, :] < self.length_t.index_select(0, index)[:, None]).long()
         out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels.index_select(0, index)}
         if self.types is not None:
             out["token_type_ids"] = self.types.index_select(0, index)[:, :width]
         return out
 
 
+def cast_frozen_linears(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen encoder's linear weights and biases in `dtype` once. Under autocast every F.linear casts
+    its fp32 weight to bf16 anew (autocast keeps casts only of weights that require grad), one cast kernel per
+    linear per forward; a bf16 copy gives bit-identical results without them. Layer norms and embeddings, which
+    autocast runs in fp32, keep fp32. Returns how many linears were cast."""
+    n = 0
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
-                 mixed_precision: str = "no", progress: bool = True) -> None:
+                 mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True) -> None:
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
         self.model = model
@@ -103,6 +121,9 @@ class GroupTrainer:
         self.mixed_precision = mixed_precision
         self.progress = progress
         self.engine = GroupEngine(model, [r.name for r in runs], max_length)
+        self.cast_frozen = cast_frozen and mixed_precision == "bf16"  # exact (cast_frozen_linears); False: tests
+        if self.cast_frozen:
+            cast_frozen_linears(model.encoder, torch.bfloat16)
         self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
         self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
         self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
@@ -138,41 +159,51 @@ class GroupTrainer:
     def predict(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], sizes: list[int], batch_size: int,
                 num_labels: int, gate_stats: bool = False):
         """Predictions of each run on its own split (rows `offsets[i]` .. + `sizes[i]` of `bank`), in the split's
-        order; runs go through the encoder together, batch_size rows each, sorted by length like a run alone."""
+        order; runs go through the encoder together, batch_size rows each, sorted by length like a run alone.
+        Logits stay on the device until the end (one copy to the host, no sync per batch), and the parameters'
+        stacks are built once for the whole pass (GroupEngine.frozen_parameters)."""
         self.model.eval()
         orders = [sorted(range(n), key=lambda i, o=o: bank.lengths[o + i]) for o, n in zip(offsets, sizes)]
-        outputs = [torch.empty(n, num_labels) for n in sizes]
         sums: list[dict] = [{} for _ in runs]
         names = [r.name for r in runs]
-        for start in range(0, max(sizes), batch_size):
-            chunks = [order[start:start + batch_size] for order in orders]
-            width = max(len(c) for c in chunks)
-            rows, valid = [], []
-            for o, chunk, order in zip(offsets, chunks, orders):
-                filler = chunk[:1] or order[:1]
-                rows += [o + i for i in chunk] + [o + filler[0]] * (width - len(chunk))
-                valid.append(len(chunk))
-            batch = bank.batch(rows)
-            batch.pop("labels")
-            with self.autocast():
-                logits = self.engine.forward(names, **batch, collect_gates=gate_stats).float().cpu()
-            for r, (chunk, n) in enumerate(zip(chunks, valid)):
-                if n:
-                    outputs[r][torch.tensor(chunk)] = logits[r * width:r * width + n]
-            if gate_stats:
-                self._add_gate_sums(sums, runs, valid, width)
+        pieces = []  # (logits on the device, chunks, width)
+        with self.engine.frozen_parameters():
+            for start in range(0, max(sizes), batch_size):
+                chunks = [order[start:start + batch_size] for order in orders]
+                width = max(len(c) for c in chunks)
+                rows, valid = [], []
+                for o, chunk, order in zip(offsets, chunks, orders):
+                    filler = chunk[:1] or order[:1]
+                    rows += [o + i for i in chunk] + [o + filler[0]] * (width - len(chunk))
+                    valid.append(len(chunk))
+                batch = bank.batch(rows)
+                batch.pop("labels")
+                with self.autocast():
+                    logits = self.engine.forward(names, **batch, collect_gates=gate_stats).float()
+                pieces.append((logits, chunks, width))
+                if gate_stats:
+                    self._add_gate_sums(sums, runs, valid, width)
+        host = torch.cat([p[0] for p in pieces]).cpu() if pieces else torch.empty(0, num_labels)
+        outputs = [torch.empty(n, num_labels) for n in sizes]
+        at = 0
+        for logits, chunks, width in pieces:
+            block = host[at:at + logits.shape[0]]
+            at += logits.shape[0]
+            for r, chunk in enumerate(chunks):
+                if chunk:
+                    outputs[r][torch.tensor(chunk)] = block[r * width:r * width + len(chunk)]
         preds = []
         for out in outputs:
             preds.append(out.squeeze(-1).numpy() if num_labels == 1 else out.argmax(-1).numpy())
-        gates = [{k: (v / n).tolist() for k, v in s.items()} for s, n in zip(sums, sizes)]
+        gates = [{k: (v.cpu() / n).tolist() for k, v in s.items()} for s, n in zip(sums, sizes)]
         return preds, gates
 
     def _add_gate_sums(self, sums: list[dict], runs: list[GroupRun], valid: list[int], width: int) -> None:
-        """Add each run's per-layer gate sums of the last forward (only the gate kinds the run has)."""
+        """Add each run's per-layer gate sums of the last forward (only the gate kinds the run has), on the device."""
         for kind, per_layer in self.engine.gate_log.items():
             if any(g is None for g in per_layer):
                 continue
-            values = torch.stack([g.float() for g in per_layer]).view(len(per_layer), len(runs), width).cpu()
+            values = torch.stack([g.float() for g in per_layer]).view(len(per_layer), len(runs), width)
             for r, (run, n) in enumerate(zip(runs, valid)):
                 if n and kind in self._gate_kinds(run):
                     sums[r][kind] = sums[r].get(kind, 0) + values[:, r, :n].sum(-1)
@@ -234,6 +265,7 @@ class GroupTrainer:
             n = len(run.train)
             steps_per_epoch = math.ceil(n / s.batch_size)
             run.optimizer, run.scheduler = self._optimizer(run, steps_per_epoch)
+            run.adam_cache = None
             run.checkpoints = Checkpointer(run.run_dir / "checkpoint", run.config)
             run.noise = RunNoise(s.seed, self.device)
             run.index = i
@@ -299,7 +331,7 @@ class GroupTrainer:
             labels = batch.pop("labels")
             valid = None
             if any(n < width for n in valid_rows):
-                valid = torch.tensor([k < n for n in valid_rows for k in range(width)], device=self.device)
+                valid = to_device([k < n for n in valid_rows for k in range(width)], torch.bool, self.device)
             noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows,
                                ["prefix" in self.model.tasks[r.name].methods for r in runs], width, self.device)
             with self.autocast():
@@ -316,10 +348,10 @@ class GroupTrainer:
             losses.sum().backward()
             self.engine.route_grads()
             self.step_optimizers(runs)
-            index = torch.tensor(active, device=self.device)
+            index = to_device(active, torch.long, self.device)
             detached = losses.detach().float()
             running.index_add_(0, index, detached)
-            step_no = torch.tensor([r.state["step"] for r in runs], device=self.device)
+            step_no = to_device([r.state["step"] for r in runs], torch.long, self.device)
             bad = ~torch.isfinite(detached)
             current = first_bad.index_select(0, index)
             first_bad.index_copy_(0, index, torch.where(bad & (current < 0), step_no, current))
@@ -352,8 +384,7 @@ class GroupTrainer:
             if len(opt.param_groups) != 1 or torch.is_tensor(group["lr"]) or "decoupled_weight_decay" not in group:
                 opt.step()  # not the layout bucketing assumes: the optimizer's own step
                 continue
-            lists: list[list] = [[], [], [], [], [], []]
-            has_complex = opt._init_group(group, *lists)  # the optimizer's own lazy state set-up and gathering
+            lists, has_complex = self._adam_lists(run, group)
             key = (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"], group["amsgrad"],
                    group["maximize"], group["foreach"], group["capturable"], group["differentiable"], group["fused"],
                    group["decoupled_weight_decay"], has_complex)
@@ -372,6 +403,24 @@ class GroupTrainer:
         for run in runs:
             run.scheduler.step()
 
+    @staticmethod
+    def _adam_lists(run: GroupRun, group: dict) -> tuple[list[list], bool]:
+        """The six tensor lists torch's Adam functional takes for this run. The first step gathers them with the
+        optimizer's own `_init_group` (which also creates the state); later steps reuse the gathered parameters,
+        moments and step counters (same tensors, updated in place) and only collect the new gradients, which
+        saves the per-parameter Python of `_init_group` for every run at every step."""
+        cached = getattr(run, "adam_cache", None)
+        if cached is not None:
+            params, exp_avgs, exp_avg_sqs, max_sqs, steps, has_complex = cached
+            grads = [p.grad for p in params]
+            if all(g is not None for g in grads):
+                return [params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps], has_complex
+        lists: list[list] = [[], [], [], [], [], []]
+        has_complex = run.optimizer._init_group(group, *lists)  # the optimizer's own lazy state set-up and gathering
+        whole = len(lists[0]) == len(group["params"])
+        run.adam_cache = (lists[0], lists[2], lists[3], lists[4], lists[5], has_complex) if whole else None
+        return lists, has_complex
+
     def _max_steps_hit(self, run: GroupRun) -> bool:
         return run.settings.max_steps is not None and run.state["step"] >= run.settings.max_steps
 
@@ -381,7 +430,7 @@ class GroupTrainer:
                 for r in runs]
         if not any(hits):
             return losses
-        factor = torch.tensor([float("nan") if h else 1.0 for h in hits], device=losses.device)
+        factor = to_device([float("nan") if h else 1.0 for h in hits], torch.float32, losses.device)
         return losses * factor
 
     def _check_finite(self, live: list[GroupRun], first_bad: torch.Tensor) -> None:

@@ -114,16 +114,18 @@ def _group_post(engine, where: str, layer: int):
         def blocks(m):
             return m.blocks[where] if where in m.blocks else None
 
+        dtype = engine.compute_dtype(y)
+
         def params(attr, shape):
             return engine.stack(("adapter", where, attr), "adapter",
                                 lambda m: [_attr(b, attr) for b in blocks(m)] if blocks(m) is not None else None,
-                                shape)[:, layer]
+                                shape, dtype=dtype)[:, layer]
 
         down_w, down_b = params("down.weight", (d, h)), params("down.bias", (d,))
         up_w, up_b = params("up.weight", (h, d)), params("up.bias", (h,))
-        y3 = y.reshape(R, -1, h)
+        y3 = y.reshape(R, -1, h).to(dtype)
         z = first.blocks[next(iter(first.blocks))][0].act(
-            torch.baddbmm(down_b.to(y3.dtype).unsqueeze(1), y3, down_w.to(y3.dtype).transpose(1, 2)))
+            torch.baddbmm(down_b.unsqueeze(1), y3, down_w.transpose(1, 2)))
         update = torch.baddbmm(up_b.to(z.dtype).unsqueeze(1), z, up_w.to(z.dtype).transpose(1, 2)).view(y.shape)
         gates = [blocks(m)[layer].gate if m is not None and blocks(m) is not None else None for m in methods]
         values, gated = engine.input_gate(y, gates, f"adapter_{where}", layer)
