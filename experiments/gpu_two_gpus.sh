@@ -30,7 +30,7 @@ python3 - <<'PY' | tee "$out/compare.txt"
 import glob, json, os
 a = {os.path.basename(os.path.dirname(f)): json.load(open(f)) for f in glob.glob(".sweep/two/gpus1/*/record.json")}
 b = {os.path.basename(os.path.dirname(f)): json.load(open(f)) for f in glob.glob(".sweep/two/gpus2/*/record.json")}
-same = [k for k in a if k in b and a[k].get("test_metrics") == b[k].get("test_metrics") and a[k].get("dev_metrics") == b[k].get("dev_metrics")]
+same = [k for k in a if k in b and a[k].get("metrics") == b[k].get("metrics") and a[k].get("dev_score") == b[k].get("dev_score")]
 print(f"records: 1 GPU {len(a)}, 2 GPUs {len(b)}, in both {len(set(a) & set(b))}, identical metrics {len(same)}")
 PY
 tar czf "$out/two.tgz" --exclude=checkpoint --exclude='*.lock' --exclude=modules .sweep/two
