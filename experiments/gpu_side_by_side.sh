@@ -25,18 +25,9 @@ measure() {  # mode gpu runs_dir extra...
   CUDA_VISIBLE_DEVICES=$gpu python3 experiments/sweep.py --runs-dir "$dir" --mode "$mode" "${common[@]}" \
     --log "$out/log_${mode}_k$K.jsonl" "$@" > "$out/sweep_${mode}_k$K.txt" 2>&1
   local t1=$(date +%s.%N); kill $smi
-  python3 - "$mode" "$dir" "$t0" "$t1" "$out/util_${mode}_k$K.txt" "$dev" "$K" "$CONCURRENT" <<'PY' | tee -a "$out/rows.jsonl"
-import glob, json, sys
-mode, d, t0, t1, util, dev, k, concurrent = sys.argv[1:]
-recs = [json.load(open(f)) for f in glob.glob(f"{d}/*/record.json")]
-n = sum(r.get("status") == "complete" for r in recs)
-wall = float(t1) - float(t0)
-u = [float(x) for x in open(util).read().split() if x.strip().replace(".", "").isdigit()]
-print(json.dumps({"k": int(k), "mode": mode, "gpus": 1, "runs": n, "wall_s": round(wall, 1),
-                  "runs_per_hour": round(3600 * n / wall), "device": dev,
-                  "gpu_busy_mean_pct": round(sum(u) / max(len(u), 1), 1),
-                  "note": "both modes at once on two GPUs of one host" if concurrent == "1" else "one after the other"}))
-PY
+  local note="one after the other"; [ "$CONCURRENT" = 1 ] && note="both modes at once on two GPUs of one host"
+  python3 experiments/throughput_row.py "$dir" "$t0" "$t1" --k "$K" --mode "$mode" --device "$dev" \
+    --util "$out/util_${mode}_k$K.txt" --note "$note" | tee -a "$out/rows.jsonl"
 }
 if [ "$CONCURRENT" = 1 ]; then
   measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}" &

@@ -17,14 +17,8 @@ for gpus in 1 2; do
     --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
     --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 > "$out/sweep_gpus$gpus.txt" 2>&1
   t1=$(date +%s.%N)
-  python3 - "$dir" "$t0" "$t1" "$dev" "$K" "$gpus" <<'PY' | tee -a "$out/rows.jsonl"
-import glob, json, sys
-d, t0, t1, dev, k, gpus = sys.argv[1:]
-n = sum(json.load(open(f)).get("status") == "complete" for f in glob.glob(f"{d}/*/record.json"))
-wall = float(t1) - float(t0)
-print(json.dumps({"k": int(k), "mode": "grouped", "gpus": int(gpus), "runs": n, "wall_s": round(wall, 1),
-                  "runs_per_hour": round(3600 * n / wall), "device": dev}))
-PY
+  python3 experiments/throughput_row.py "$dir" "$t0" "$t1" --k "$K" --mode grouped --gpus "$gpus" --device "$dev" \
+    | tee -a "$out/rows.jsonl"
 done
 python3 - <<'PY' | tee "$out/compare.txt"
 import glob, json, os

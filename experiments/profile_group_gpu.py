@@ -81,7 +81,6 @@ def measure(args, R: int, device) -> dict:
     # GPU busy: kernel time in one profiled epoch
     from torch.profiler import ProfilerActivity, profile
 
-    steps = max(len(r.train) for r in live) // live[0].settings.batch_size + 1
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         trainer._round(live)
@@ -94,7 +93,7 @@ def measure(args, R: int, device) -> dict:
     del trainer
     torch.cuda.empty_cache()
     return {"R": R, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
-            "kernels": len(kernels), "steps": steps, "syncs": syncs, "where": where, "top": top,
+            "kernels": len(kernels), "syncs": syncs, "where": where, "top": top,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 

@@ -219,8 +219,7 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
                 break
             continue
         busy[result["worker"]] = False
-        feed(result["worker"])
-        for i in range(len(workers)):  # a group worker that found nothing earlier may take a solo run now
+        for i in range(len(workers)):  # this worker, and a group worker that found nothing earlier (solo runs now)
             if not busy[i]:
                 feed(i)
         for overrides, status in zip(result["runs"], result["statuses"]):

@@ -121,8 +121,7 @@ class GroupTrainer:
         self.mixed_precision = mixed_precision
         self.progress = progress
         self.engine = GroupEngine(model, [r.name for r in runs], max_length)
-        self.cast_frozen = cast_frozen and mixed_precision == "bf16"  # exact (cast_frozen_linears); False: tests
-        if self.cast_frozen:
+        if cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
             cast_frozen_linears(model.encoder, torch.bfloat16)
         self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
         self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
