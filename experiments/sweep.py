@@ -106,15 +106,34 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int) -> list[
     from unipelt.plan import plan
 
     solo, grouped = [], []
+    planned = {}  # the data seed changes neither grouping nor cost: one compose + plan per other grid point
     for overrides in todo:
-        cfg = composer(overrides)
-        p = plan(cfg)
-        p.overrides = overrides
-        (grouped if solo_reason(p, cfg) is None else solo).append(p)
+        key = tuple(o for o in overrides if not o.startswith("data.seed="))
+        if key not in planned:
+            cfg = composer(overrides)
+            first = plan(cfg)
+            planned[key] = (first, solo_reason(first, cfg) is None)
+        base, groupable = planned[key]
+        p = with_data_seed(base, overrides)
+        (grouped if groupable else solo).append(p)
     jobs = [{"runs": [g.overrides for g in group], "cost": sum(_cost(g) for g in group) / len(group) ** 0.5,
              "solo": False} for group in partition(grouped, max_runs)]
     jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p), "solo": True} for p in solo]
     return sorted(jobs, key=lambda j: -j["cost"])
+
+
+def with_data_seed(base, overrides: list[str]):
+    """`base`'s plan for the grid point `overrides`, which differs from it at most in the data seed."""
+    import dataclasses
+
+    from unipelt.training.record import run_id
+
+    axis = dict(o.split("=", 1) for o in overrides)
+    seed = int(axis.get("data.seed", base.data_seed))
+    rid = run_id(base.spec.name, base.method, base.k, seed, base.settings.seed, base.model_name,
+                 (base.config or {}).get("output", {}).get("tag"))
+    return dataclasses.replace(base, data_seed=seed, run_id=rid, run_dir=base.run_dir.parent / rid,
+                               overrides=overrides)
 
 
 def _cost(p) -> float:
@@ -151,6 +170,7 @@ def next_job(pending: list[dict], solo_only: bool) -> dict | None:
 # --- execution ------------------------------------------------------------------------------------------------
 def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worker: int) -> None:
     """A worker process on one device: take jobs until the queue says stop."""
+    slot_device = device  # as planned (cuda:1), for the log; the process itself sees only that GPU, as cuda
     if device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
@@ -167,15 +187,15 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worke
         job = jobs.get()
         if job is None:
             return
-        t0 = time.perf_counter()
+        t0, began = time.perf_counter(), time.time()
         try:
             cfgs = [composer(o) for o in job["runs"]]
             outcomes = execute_many(cfgs, overrides=job["runs"], device=device, max_runs=len(cfgs), progress=False)
             statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
         except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
             statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
-        results.put({"runs": job["runs"], "statuses": statuses, "device": device, "wall_s": time.perf_counter() - t0,
-                     "worker": worker})
+        results.put({"runs": job["runs"], "statuses": statuses, "device": slot_device, "wall_s": time.perf_counter() - t0,
+                     "worker": worker, "began": began})
 
 
 def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
@@ -191,6 +211,7 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
     if n_solo:
         print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
               flush=True)
+    epoch0 = time.time() - (time.perf_counter() - start)  # the sweep's start on the wall clock, for the log
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     queues = [ctx.Queue() for _ in kinds]
@@ -223,8 +244,10 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
             if not busy[i]:
                 feed(i)
         for overrides, status in zip(result["runs"], result["statuses"]):
+            # began_s: when the job started, seconds after the sweep's start (a timeline of where the time went)
             row = {"overrides": overrides, "status": status, "wall_s": result["wall_s"], "device": result["device"],
-                   "group_size": len(result["runs"])}
+                   "group_size": len(result["runs"]), "worker": result["worker"],
+                   "began_s": round(result["began"] - epoch0, 2)}
             finished.append(row)
             log(row)
         print(f"[{time.perf_counter() - start:7.1f}s] {result['device']} group of {len(result['runs'])} "

@@ -23,8 +23,17 @@ wall = a.t1 - a.t0
 row = {"k": a.k, "mode": a.mode, "gpus": a.gpus, "runs": n, "wall_s": round(wall, 1),
        "runs_per_hour": round(3600 * n / wall), "device": a.device}
 if a.util:
-    u = [float(x) for x in open(a.util).read().split() if x.strip().replace(".", "").isdigit()]
+    # nvidia-smi -l 1 lines: "busy" or "index, busy, memory"; the mean over every GPU's samples
+    per_gpu: dict[str, list[float]] = {}
+    for line in open(a.util):
+        fields = [f.strip() for f in line.split(",")]
+        busy = fields[1] if len(fields) >= 2 else fields[0]
+        if busy.replace(".", "").isdigit():
+            per_gpu.setdefault(fields[0] if len(fields) >= 2 else "0", []).append(float(busy))
+    u = [x for xs in per_gpu.values() for x in xs]
     row["gpu_busy_mean_pct"] = round(sum(u) / max(len(u), 1), 1)
+    if len(per_gpu) > 1:
+        row["gpu_busy_pct_per_gpu"] = {g: round(sum(xs) / len(xs), 1) for g, xs in sorted(per_gpu.items())}
 if a.note:
     row["note"] = a.note
 print(json.dumps(row))

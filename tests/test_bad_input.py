@@ -324,3 +324,19 @@ def test_cli_exit_status_and_message(runs, args, code, message):
     after = snapshot(runs)
     assert {k: v for k, v in after.items() if not k.startswith("_hydra")} == \
         {k: v for k, v in before.items() if not k.startswith("_hydra")}
+
+
+def test_known_config_keys_are_read_once_and_again_when_a_conf_file_changes(tmp_path, monkeypatch):
+    import shutil
+
+    import unipelt.plan as plan_module
+
+    conf = tmp_path / "conf"
+    shutil.copytree(plan_module.CONF_DIR, conf)
+    monkeypatch.setattr(plan_module, "CONF_DIR", conf)
+    first = plan_module.known_keys()
+    assert plan_module.known_keys() is first  # cached: a sweep plans hundreds of runs
+    assert "extra_knob" not in first["data"]
+    (conf / "data" / "with_knob.yaml").write_text("dir: default\nextra_knob: 3\n")
+    again = plan_module.known_keys()
+    assert again is not first and "extra_knob" in again["data"]  # a new option file is seen at once

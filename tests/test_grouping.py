@@ -280,6 +280,16 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
         assert len(keys) == 1
     costs = [j["cost"] for j in jobs]
     assert costs == sorted(costs, reverse=True)  # largest first: the longest groups start first
+    # plans are made once per grid point other than the data seed; the seed's own plan is derived exactly
+    from unipelt.plan import plan
+
+    composer = sweep.Composer(extra)
+    first = plan(composer(todo[0]))
+    for overrides in todo[1:]:
+        if [o for o in overrides if not o.startswith("data.seed=")] == [o for o in todo[0] if "data.seed" not in o]:
+            derived, full = sweep.with_data_seed(first, overrides), plan(composer(overrides))
+            assert (derived.data_seed, derived.run_id, derived.run_dir) == (full.data_seed, full.run_id, full.run_dir)
+            assert derived.run_id != first.run_id
     assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
     # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
     assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
