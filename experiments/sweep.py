@@ -200,17 +200,9 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worke
 
 def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
     devices = visible_devices(args.devices)
-    composer = Composer(extra)
-    max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
-    jobs = plan_jobs(todo, composer, max_runs)
-    sizes = [len(j["runs"]) for j in jobs]
-    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}) on "
-          f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
-    n_solo = solo_workers(devices, args.solo_workers_per_device) if any(j["solo"] for j in jobs) else 0
+    # the worker processes start first: their imports (torch, transformers; seconds) overlap the planning here
+    n_solo = solo_workers(devices, args.solo_workers_per_device)
     kinds = [(d, False) for d in slots(devices, args.workers_per_device)] + [(d, True) for d in slots(devices, n_solo)]
-    if n_solo:
-        print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
-              flush=True)
     epoch0 = time.time() - (time.perf_counter() - start)  # the sweep's start on the wall clock, for the log
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -219,6 +211,15 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
                for i, ((d, _), q) in enumerate(zip(kinds, queues))]
     for w in workers:
         w.start()
+    composer = Composer(extra)
+    max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
+    jobs = plan_jobs(todo, composer, max_runs)
+    sizes = [len(j["runs"]) for j in jobs]
+    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}) on "
+          f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
+    if n_solo and any(j["solo"] for j in jobs):
+        print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
+              flush=True)
     pending = list(jobs)
     busy = [False] * len(workers)
     finished = []
