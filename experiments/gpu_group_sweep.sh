@@ -2,7 +2,8 @@
 # The MiniLM low-resource sweep on the lent GPU (device tool), grouped (unipelt/grouping): resumable chunks.
 # Carry .whl (datasets/hydra wheels), .dev (MiniLM bf16 + the 5 local GLUE tasks; experiments/prepare_device.sh)
 # and .sweep (the records so far, restored from the previous chunk's $OUT/runs.tgz). Settings as the committed
-# sweep (eval batch 256, a checkpoint at most every 120 s) plus bf16 autocast.
+# sweep (eval batch 256, a checkpoint at most every 120 s) plus bf16 autocast (PRECISION=no: fp32, as the per-run
+# low_resource_minilm records). RUNS, KS, METHODS, WPD pick the slice.
 #   BUDGET: seconds this chunk may take; MARGIN: seconds kept for the groups in flight to finish.
 set -u
 out=${OUT:-sweep_out}; mkdir -p "$out"
@@ -18,7 +19,7 @@ left=$((budget - SECONDS))
 timeout -s KILL $((left - 10)) python3 experiments/sweep.py --runs-dir "$runs" --mode grouped \
   --workers-per-device "${WPD:-6}" --ks "${KS:-100,500,1000}" --methods "${METHODS:-finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate}" \
   --deadline $((left - margin)) --log "$out/sweep_log.jsonl" \
-  --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
+  --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision="${PRECISION:-bf16}" \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 ${EXTRA:-} 2>&1 | grep -vE "Loading weights|^done " | tail -40
 kill $smi
 python3 - "$out/gpu_util.csv" <<'PY'
