@@ -159,6 +159,46 @@ def config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def test_a_run_resumes_from_its_checkpoint_in_another_slot_of_a_replanned_group(tmp_path, monkeypatch):
+    """A re-run plans groups from the unfinished runs only, so a resumed run can sit in another slot (the sweep
+    names slots run0, run1, ...): its checkpoint must still load, and training go on as if never interrupted."""
+    specs = [MIXED[2], MIXED[4]]  # lora, unipelt_apl
+
+    def group(root, epochs, keep=(0, 1)):
+        """The runs `keep` of `specs` as a group whose slots are named run0, run1, ... in that order."""
+        _, runs = build_group(specs, root, epochs=epochs, checkpoint_every_s=0)
+        model, kept = PeltModel(dropout_encoder()), []
+        for slot, i in enumerate(keep):
+            method, _, seed, _ = specs[i]
+            torch.manual_seed(seed)
+            model.add_task(f"run{slot}", preset(method), 2, activate=False)
+            runs[i].name = f"run{slot}"
+            kept.append(runs[i])
+        return model, kept
+
+    class Killed(Exception):
+        pass
+
+    end_epoch = GroupTrainer._end_epoch
+
+    def killed_after_epoch_2(self, run, *args):  # every run has written its epoch-2 checkpoint, then "kill -9"
+        end_epoch(self, run, *args)
+        if run is self.runs[-1] and run.state["epoch"] == 2:
+            raise Killed
+
+    want_losses, want = train(*group(tmp_path / "reference", epochs=3))
+    monkeypatch.setattr(GroupTrainer, "_end_epoch", killed_after_epoch_2)
+    with pytest.raises(Killed):
+        train(*group(tmp_path / "interrupted", epochs=3))
+    monkeypatch.undo()
+    model, runs = group(tmp_path / "interrupted", epochs=3, keep=(1,))  # unipelt_apl was run1: now alone in run0
+    got_losses, got = train(model, runs)
+    assert runs[0].state["resumed_from_epoch"] == 2
+    for name, tensor in want["run1"].items():
+        torch.testing.assert_close(got["run0"][name.replace("tasks.run1.", "tasks.run0.")], tensor, rtol=0, atol=1e-6)
+    assert got_losses["run0"] == pytest.approx(want_losses["run1"][-len(got_losses["run0"]):], abs=1e-6)
+
+
 def test_runs_that_cannot_share_a_forward_are_split_never_merged():
     base = ["task=rte", "data.k=100", "method=lora"]
     plans = [plan(config(*o)) for o in (

@@ -109,6 +109,13 @@ def cast_frozen_linears(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def run_relative(name: str) -> str:
+    """A trainable parameter's name without the run's slot in the group ("tasks.run3.methods.lora..." ->
+    "methods.lora..."): a checkpoint must load into whatever slot the run has when it resumes, and a re-planned
+    group (its finished runs left out) gives it another one."""
+    return name.split(".", 2)[2] if name.startswith("tasks.") else name
+
+
 class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True) -> None:
@@ -135,12 +142,13 @@ class GroupTrainer:
         return self.model.trainable_named_parameters(run.name)
 
     def _snapshot(self, run: GroupRun) -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in self._trainable(run).items()}
+        return {run_relative(k): p.detach().clone() for k, p in self._trainable(run).items()}
 
     def _load_trainable(self, run: GroupRun, tensors: dict) -> None:
+        saved = {run_relative(k): v for k, v in tensors.items()}
         with torch.no_grad():
             for k, p in self._trainable(run).items():
-                p.copy_(tensors[k].to(p.device, p.dtype))
+                p.copy_(saved[run_relative(k)].to(p.device, p.dtype))
 
     def _optimizer(self, run: GroupRun, steps_per_epoch: int):
         from transformers import get_linear_schedule_with_warmup
