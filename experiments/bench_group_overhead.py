@@ -3,7 +3,8 @@
 A grouped step on a GPU is launch-bound when the host takes longer to issue it than the GPU to run it. This
 measures the host side alone: a tiny encoder (hidden 16, 6 layers) makes the arithmetic negligible, so the times
 are mostly Python + dispatch + autograd bookkeeping per step, for R runs of the 7 grouped methods (bitfit, adapter,
-prefix, lora, unipelt_ap, unipelt_apl, unipelt_apl_nogate), batch 4 per run. Prints a Markdown table.
+prefix, lora, unipelt_ap, unipelt_apl, unipelt_apl_nogate), batch 4 per run. Prints a Markdown table, with the
+number of PyTorch operators one forward + backward issues (on a GPU, roughly its kernel launches plus views).
 Read it with two caveats: the tensors still grow with R, so at R=35 a CPU spends part of the time on arithmetic that
 a GPU does in microseconds; and on CPU AdamW runs tensor by tensor, where CUDA runs one fused launch per bucket of
 runs (GroupTrainer.step_optimizers), so the optimizer column is a CPU artefact.
@@ -66,8 +67,17 @@ def measure(R: int, steps: int) -> dict:
         if step >= 2:  # warm-up steps excluded
             for key, value in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 totals[key] += value / steps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # one more step, counting the operators it issues
+        noise = NoiseBatch(trainer.engine.noise_layout, [r.noise for r in runs], [4] * R,
+                           ["prefix" in model.tasks[n].methods for n in names], 4, "cpu")
+        losses = trainer.engine.losses(trainer.engine.forward(names, **batch, noise=noise), labels)
+        losses.sum().backward()
+        trainer.engine.route_grads()
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     trainer.close()
-    return {k: 1000 * v for k, v in totals.items()}
+    return {**{k: 1000 * v for k, v in totals.items()}, "ops": ops}
 
 
 def main(argv=None) -> None:
@@ -76,13 +86,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print("| runs | noise ms | forward ms | backward ms | optimizer ms | step ms | ms per run |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| runs | noise ms | forward ms | backward ms | optimizer ms | step ms | ms per run | aten ops fwd+bwd |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for R in (int(x) for x in args.runs.split(",")):
         t = measure(R, args.steps)
+        ops = t.pop("ops")
         total = sum(t.values())
         print(f"| {R} | {t['noise']:.1f} | {t['forward']:.1f} | {t['backward']:.1f} | {t['optimizer']:.1f} | "
-              f"{total:.1f} | {total / R:.2f} |", flush=True)
+              f"{total:.1f} | {total / R:.2f} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

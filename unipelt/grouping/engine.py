@@ -144,6 +144,13 @@ class GroupEngine:
             flat = self.cached(("stack", key, dtype), lambda: flat.to(dtype), stable=True)
         return flat.view(self.R, -1, *shape)
 
+    def stack_layers(self, key, name: str, tensors, shape: tuple, parameters: bool = True, dtype=None) -> tuple:
+        """`stack(...)` split into its n per-layer (R, *shape) slices once per forward. Layers index this tuple:
+        the backward of one unbind is one stack of the layers' gradients, where a select per layer (`[:, layer]`)
+        would write a zero tensor the size of the whole stack for every layer and add them all up."""
+        return self.cached(("layers", key, dtype),
+                           lambda: self.stack(key, name, tensors, shape, parameters, dtype).unbind(1), stable=True)
+
     def stack_parameters(self, params: list) -> torch.Tensor:
         """torch.stack of parameters (and zero stand-ins). While training, the stack is made outside autograd and
         becomes a leaf of its own; `route_grads()` after the backward hands each parameter its slice of that
@@ -219,8 +226,11 @@ class GroupEngine:
             none = self._finish_gate("", layer, None, [False] * self.R)
             return {kind: none for kind, _, _ in kinds}
         x = self.injector.layer_input(layer)
-        w, b = self.cached(("layer_gate_params",), self._layer_gate_params, stable=True)  # one stack, all layers
-        values = self._gate_values_with(x, w[:, layer], b[:, layer])  # (R*B, n)
+        # one stack for all layers, split per layer once (see stack_layers)
+        w, b = self.cached(("layer_gate_layers",), lambda: tuple(
+            t.unbind(1) for t in self.cached(("layer_gate_params",), self._layer_gate_params, stable=True)),
+            stable=True)
+        values = self._gate_values_with(x, w[layer], b[layer])  # (R*B, n)
         out = {}
         for j, (kind, _, _) in enumerate(kinds):
             gated = [g is not None for g in per_kind[j]]

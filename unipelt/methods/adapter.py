@@ -117,9 +117,9 @@ def _group_post(engine, where: str, layer: int):
         dtype = engine.compute_dtype(y)
 
         def params(attr, shape):
-            return engine.stack(("adapter", where, attr), "adapter",
-                                lambda m: [_attr(b, attr) for b in blocks(m)] if blocks(m) is not None else None,
-                                shape, dtype=dtype)[:, layer]
+            return engine.stack_layers(("adapter", where, attr), "adapter",
+                                       lambda m: [_attr(b, attr) for b in blocks(m)] if blocks(m) is not None else None,
+                                       shape, dtype=dtype)[layer]
 
         down_w, down_b = params("down.weight", (d, h)), params("down.bias", (d,))
         up_w, up_b = params("up.weight", (h, d)), params("up.bias", (h,))

@@ -88,8 +88,8 @@ def _group_bias(engine, key: str, width: int, layer: int):
         R, B = engine.R, engine.B
         if all(m is None for m in engine.methods("bitfit")):
             return 0.0
-        deltas = engine.stack(("bitfit", key), "bitfit", lambda m: [t[key] for t in m.layer_terms], (width,))
-        d = deltas[:, layer].unsqueeze(1)  # (R, 1, width)
+        deltas = engine.stack_layers(("bitfit", key), "bitfit", lambda m: [t[key] for t in m.layer_terms], (width,))
+        d = deltas[layer].unsqueeze(1)  # (R, 1, width)
         values, gated = engine.gate(layer, "bitfit")
         if values is not None:
             mult = torch.where(engine.rows(gated), values, torch.ones_like(values)).view(R, B, 1)

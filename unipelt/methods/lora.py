@@ -126,10 +126,10 @@ def _group_delta(engine, role: str, layer: int):
             return None if role not in m.updates else m.updates[role]
 
         dtype = engine.compute_dtype(x)
-        A = engine.stack(("lora_A", role), "lora", lambda m: [u.A for u in updates(m)] if updates(m) else None,
-                         (r, d_in), dtype=dtype)[:, layer]
-        B = engine.stack(("lora_B", role), "lora", lambda m: [u.B for u in updates(m)] if updates(m) else None,
-                         (d_out, r), dtype=dtype)[:, layer]
+        A = engine.stack_layers(("lora_A", role), "lora", lambda m: [u.A for u in updates(m)] if updates(m) else None,
+                                (r, d_in), dtype=dtype)[layer]
+        B = engine.stack_layers(("lora_B", role), "lora", lambda m: [u.B for u in updates(m)] if updates(m) else None,
+                                (d_out, r), dtype=dtype)[layer]
         x3 = x.reshape(R, -1, d_in).to(dtype)
         out = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))
         out = out.view(x.shape[0], *x.shape[1:-1], d_out)

@@ -119,9 +119,11 @@ class PrefixMethod(PeltMethod):
             methods = engine.methods(cls.name)
             if all(m is None for m in methods):
                 return None
-            states = engine.stack("prefix_states", cls.name, lambda m: [m.prefix_states()],
-                                  (info.num_layers, 2, length, info.hidden_size), parameters=False)[:, 0]
-            kv = states[:, layer].view(R, 2, length, info.num_heads, info.head_dim).permute(1, 0, 3, 2, 4)
+            # every run's prefix states, (R, num_layers, 2, length, hidden), split per layer once per forward
+            states = engine.cached(("prefix_layers",), lambda: engine.stack(
+                "prefix_states", cls.name, lambda m: [m.prefix_states()],
+                (info.num_layers, 2, length, info.hidden_size), parameters=False)[:, 0].unbind(1), stable=True)
+            kv = states[layer].view(R, 2, length, info.num_heads, info.head_dim).permute(1, 0, 3, 2, 4)
             k = kv[0].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
             v = kv[1].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
             values, gated = engine.gate(layer, "prefix")
