@@ -14,7 +14,7 @@ import torch
 from helpers import batch, randomize_
 from hydra import compose, initialize_config_dir
 
-from unipelt import PeltModel, preset, tiny_encoder
+from unipelt import PeltConfig, PeltModel, preset, tiny_encoder
 from unipelt.confdir import CONF_DIR
 from unipelt.data import get_task
 from unipelt.grouping.engine import GroupEngine, NotGroupable, check_compatible
@@ -74,17 +74,20 @@ def train(model, runs, max_length: int = 24):
 # --- the forward ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet"])
 def test_grouped_forward_equals_each_task_alone(arch):
-    names = ["adapter", "houlsby", "prefix", "lora", "bitfit", "unipelt_apl", "unipelt_ap_nogate", "unipelt_aplb"]
+    names = ["adapter", "houlsby", "prefix", "lora", "bitfit", "unipelt_apl", "unipelt_ap_nogate", "unipelt_aplb",
+             "unipelt_l"]
+    configs = [preset(name) for name in names[:-1]]
+    configs.append(PeltConfig(methods={"lora": {"gate": True, "gate_mode": "multiply"}}))  # gate times s
     model = PeltModel(tiny_encoder(arch, seed=0))
-    for i, name in enumerate(names):
+    for i, config in enumerate(configs):
         torch.manual_seed(i)
-        model.add_task(f"r{i}", preset(name), 2, activate=False)
+        model.add_task(f"r{i}", config, 2, activate=False)
     randomize_(model.tasks)  # non-trivial LoRA B, adapter up-projections, gates, prefixes
     model.eval()
     engine = GroupEngine(model, [f"r{i}" for i in range(len(names))], max_length=16)
     ids, mask = batch(0, b=3, t=9)
     with torch.no_grad():
-        for runs in ([f"r{i}" for i in range(len(names))], ["r5", "r2"], ["r4"]):  # all, a subset, one
+        for runs in ([f"r{i}" for i in range(len(names))], ["r5", "r2"], ["r4"], ["r8", "r3"]):  # all, subsets, one
             logits = engine.forward(runs, ids.repeat(len(runs), 1), mask.repeat(len(runs), 1))
             for j, run in enumerate(runs):
                 model.set_active_task(run)

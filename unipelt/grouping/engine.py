@@ -206,8 +206,13 @@ class GroupEngine:
         return next(self.model.encoder.parameters()).device
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
-        """(R,) per-run values -> (R*B,) per-row values."""
-        return values.repeat_interleave(self.B)
+        """(R,) per-run values -> (R*B,) per-row values; once per forward for each tensor (the per-run constants
+        are read by every layer)."""
+        cache = self.model.state.cache
+        hit = cache.get(("rows", id(values)))
+        if hit is None or hit[0] is not values:  # the tensor is kept with its rows: its id cannot be reused
+            hit = cache[("rows", id(values))] = (values, values.repeat_interleave(self.B))
+        return hit[1]
 
     def layer_gate(self, layer: int, kind: str, method_name: str, getter) -> None:
         """Register a gate kind reading layer `layer`'s input; `getter(method)` gives a run's Gate or None."""

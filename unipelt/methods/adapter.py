@@ -130,7 +130,7 @@ def _group_post(engine, where: str, layer: int):
         gates = [blocks(m)[layer].gate if m is not None and blocks(m) is not None else None for m in methods]
         values, gated = engine.input_gate(y, gates, f"adapter_{where}", layer)
         if values is not None:
-            mult = torch.where(engine.rows(gated), values, torch.ones_like(values))
+            mult = torch.where(engine.rows(gated), values, 1.0)
             update = update * mult.to(update.dtype).view(-1, *([1] * (update.dim() - 1)))
         return y + update
 

@@ -92,7 +92,7 @@ def _group_bias(engine, key: str, width: int, layer: int):
         d = deltas[layer].unsqueeze(1)  # (R, 1, width)
         values, gated = engine.gate(layer, "bitfit")
         if values is not None:
-            mult = torch.where(engine.rows(gated), values, torch.ones_like(values)).view(R, B, 1)
+            mult = torch.where(engine.rows(gated), values, 1.0).view(R, B, 1)
             d = d * mult.to(d.dtype)
         else:
             d = d.expand(R, B, width)

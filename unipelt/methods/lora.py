@@ -140,10 +140,13 @@ def _group_delta(engine, role: str, layer: int):
         if values is None:
             mult = engine.rows(scaling)
         else:
-            multiply = engine.per_run("lora_multiply", [m is not None and m.config.gate_mode == "multiply"
-                                                        for m in methods]).bool()
-            run_gate_scale = torch.where(multiply, scaling, torch.ones_like(scaling))
-            mult = torch.where(engine.rows(gated), values * engine.rows(run_gate_scale), engine.rows(scaling))
+            def gate_scale():  # per row: s where the gate multiplies it (gate_mode="multiply"), else 1
+                multiply = engine.per_run("lora_multiply", [m is not None and m.config.gate_mode == "multiply"
+                                                            for m in methods]).bool()
+                return engine.rows(torch.where(multiply, scaling, 1.0))
+
+            mult = torch.where(engine.rows(gated), values * engine.cached(("lora_gate_scale", role), gate_scale),
+                               engine.rows(scaling))
         return out * mult.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
 
     return delta

@@ -128,7 +128,7 @@ class PrefixMethod(PeltMethod):
             v = kv[1].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
             values, gated = engine.gate(layer, "prefix")
             if values is not None:
-                g = torch.where(engine.rows(gated), values, torch.ones_like(values)).view(-1, 1, 1, 1)
+                g = torch.where(engine.rows(gated), values, 1.0).view(-1, 1, 1, 1)
                 k, v = k * g.to(k.dtype), v * g.to(v.dtype)
             has = engine.per_run("has_prefix", [m is not None for m in methods]).bool()
             return k, v, has
