@@ -124,12 +124,14 @@ class PrefixMethod(PeltMethod):
                 "prefix_states", cls.name, lambda m: [m.prefix_states()],
                 (info.num_layers, 2, length, info.hidden_size), parameters=False)[:, 0].unbind(1), stable=True)
             kv = states[layer].view(R, 2, length, info.num_heads, info.head_dim).permute(1, 0, 3, 2, 4)
-            k = kv[0].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
-            v = kv[1].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(R * B, info.num_heads, length, info.head_dim)
+            shape = (R * B, info.num_heads, length, info.head_dim)
             values, gated = engine.gate(layer, "prefix")
-            if values is not None:
-                g = torch.where(engine.rows(gated), values, 1.0).view(-1, 1, 1, 1)
-                k, v = k * g.to(k.dtype), v * g.to(v.dtype)
+            if values is not None:  # the gate's product makes each row's copy: no expanded copy first
+                g = torch.where(engine.rows(gated), values, 1.0).view(R, B, 1, 1, 1).to(kv.dtype)
+                k, v = (kv[0].unsqueeze(1) * g).reshape(shape), (kv[1].unsqueeze(1) * g).reshape(shape)
+            else:
+                k = kv[0].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(shape)
+                v = kv[1].unsqueeze(1).expand(R, B, -1, -1, -1).reshape(shape)
             has = engine.per_run("has_prefix", [m is not None for m in methods]).bool()
             return k, v, has
 
