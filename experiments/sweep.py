@@ -194,8 +194,8 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worke
             statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
         except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
             statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
-        results.put({"runs": job["runs"], "statuses": statuses, "device": slot_device, "wall_s": time.perf_counter() - t0,
-                     "worker": worker, "began": began})
+        results.put({"runs": job["runs"], "statuses": statuses, "device": slot_device,
+                     "wall_s": time.perf_counter() - t0, "worker": worker, "began": began})
 
 
 def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
