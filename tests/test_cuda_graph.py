@@ -316,3 +316,91 @@ def test_checkpoint_round_trip_keeps_a_tensor_lr_the_same_tensor_with_the_saved_
     train(param2, opt2, sched2, 3)
     assert opt2.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == opt.param_groups[0]["lr"].item()
     assert torch.equal(param, param2)
+
+
+# --- length buckets: a few widths, one graph each -------------------------------------------------------------
+def test_bucket_width_is_the_next_multiple_capped_at_the_max_length_and_never_shorter_than_the_row():
+    from unipelt.training.cuda_graph import bucket_width
+
+    assert [bucket_width(n, 16, 128) for n in (1, 16, 17, 100, 112, 113, 128)] == [16, 16, 32, 112, 112, 128, 128]
+    assert bucket_width(50, 32, 40) == 50  # a row longer than the cap keeps its length
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        bucket_width(5, 0, 128)
+
+
+def test_batches_pad_each_batch_to_its_bucket_with_the_same_rows():
+    from unipelt.training.batching import Encoded, batches, epoch_order
+
+    lengths = [3, 7, 5, 2, 19, 4, 6, 12, 30]
+    data = Encoded([list(range(1, n + 1)) for n in lengths], None, torch.arange(len(lengths)))
+    order = epoch_order(len(lengths), seed=1, epoch=1)
+    plain = list(batches(data, order, 3, 0))
+    bucketed = list(batches(data, order, 3, 0, pad_to=30, pad_multiple=8))
+    for p, b in zip(plain, bucketed):
+        longest = p["input_ids"].shape[1]
+        assert b["input_ids"].shape[1] == min(30, -(-longest // 8) * 8)
+        assert torch.equal(b["input_ids"][:, :longest], p["input_ids"]) and b["input_ids"][:, longest:].eq(0).all()
+        assert torch.equal(b["labels"], p["labels"])
+
+
+def test_graphed_step_keeps_one_set_of_buffers_per_shape_up_to_its_limit_and_trains_like_the_plain_loop():
+    device = torch.device("cpu")
+    plain, graphed = _pair("unipelt_apl", device)
+    widths = [16, 32, 16, 48, 32, 16, 48, 32]  # three bucket widths
+    batches = []
+    for i, w in enumerate(widths):
+        b = _batches(1, short_every=99)[0]
+        ids = torch.zeros((b["input_ids"].shape[0], w), dtype=torch.long)
+        n = min(w, b["input_ids"].shape[1])
+        ids[:, :n] = b["input_ids"][:, :n]
+        mask = (ids != 0).long()
+        mask[:, 0] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": b["labels"]})
+    plain_losses = _train_plain(plain, batches, 1e-2, device)
+    params = list(graphed.trainable_named_parameters().values())
+    opt = capturable_adamw(params, 1e-2, device=device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    step = GraphedTrainStep(lambda b: graphed(**b).loss, opt, device, warmup=2, max_shapes=2)
+    torch.manual_seed(3)
+    graphed_losses = []
+    for batch in batches:
+        graphed_losses.append(step(batch).item())
+        sched.step()
+    _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-5)
+    assert [key[1][1][1] for key in step.shapes] == [16, 32]  # the first two widths got static buffers...
+    assert step.seen == 6 and step.eager_steps == 8  # ...the width-48 batches (2) ran plain
+
+
+def test_a_run_with_graph_buckets_pads_each_batch_to_its_bucket_and_records_the_setting(tmp_path, monkeypatch):
+    import unipelt.training.trainer as trainer_module
+    from unipelt.run import run_cli
+
+    widths, limits = [], []
+
+    class Spy(GraphedTrainStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            limits.append(self.max_shapes)
+
+        def __call__(self, batch):
+            widths.append(batch["input_ids"].shape[1])
+            return super().__call__(batch)
+
+    monkeypatch.setattr(trainer_module, "GraphedTrainStep", Spy)
+    base = [*TINY, "method=lora", "data.k=32", "data.max_length=80", "train.batch_size=4", "group.enabled=false",
+            "train.cuda_graph=true", "+train.graph_bucket=16", f"output.runs_dir={tmp_path}"]
+    run_cli(_config(*base))
+    record = _record(tmp_path / "rte-lora-k32-d111-s42")
+    assert record["status"] == "complete" and record["config"]["train"]["graph_bucket"] == 16
+    assert set(widths) <= {16, 32, 48, 64, 80} and len(set(widths)) > 1, widths  # several buckets, all multiples
+    assert len(limits) == 1 and limits[0] >= len(set(widths))  # one graph per width seen, at most
+
+
+def test_graph_bucket_needs_cuda_graph_and_a_positive_width():
+    from unipelt.training.trainer import TrainSettings
+
+    with pytest.raises(ValueError, match=r"train.graph_bucket=16 .* needs train.cuda_graph=true"):
+        TrainSettings(graph_bucket=16)
+    with pytest.raises(ValueError, match=r"train.graph_bucket must be a positive number of tokens or null, got 0"):
+        TrainSettings(cuda_graph=True, graph_bucket=0)
+    assert TrainSettings(cuda_graph=True, graph_bucket=32).graph_bucket == 32

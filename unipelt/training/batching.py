@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import TaskSpec
+from .cuda_graph import bucket_width
 
 
 @dataclass
@@ -60,9 +61,11 @@ def epoch_order(n: int, seed: int, epoch: int, shard: tuple[int, int] = (0, 1)) 
 
 
 def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucket: bool = False,
-            pad_to: int | None = None):
+            pad_to: int | None = None, pad_multiple: int | None = None):
     """Yield padded batches in `order`. `bucket=True` groups similar lengths (less padding; same batch set per
-    epoch, shuffled batch order). `pad_to`: pad every batch to at least this width (see `collate`)."""
+    epoch, shuffled batch order). `pad_to`: pad every batch to at least this width (see `collate`);
+    with `pad_multiple`, pad each batch only up to the next multiple of it, at most `pad_to` (length buckets for
+    CUDA graphs: a few widths instead of one)."""
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if bucket:
         window = batch_size * 50
@@ -73,7 +76,11 @@ def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucke
         perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(len(order) + sum(order[:8])))
         chunks = [chunks[i] for i in perm.tolist()]
     for chunk in chunks:
-        yield collate(data, chunk, pad_id, pad_to)
+        width = pad_to
+        if pad_multiple is not None:
+            longest = max(len(data.input_ids[i]) for i in chunk)
+            width = bucket_width(longest, pad_multiple, pad_to or longest)
+        yield collate(data, chunk, pad_id, width)
 
 
 def eval_batches(data: Encoded, batch_size: int, pad_id: int):

@@ -34,29 +34,66 @@ def _shape_key(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in batch.items()))
 
 
+def bucket_width(longest: int, multiple: int, cap: int) -> int:
+    """The padded width of a batch whose longest row has `longest` tokens: the next multiple of `multiple`, at most
+    `cap` (the data's max length) and never less than `longest`. A handful of widths, so a handful of graphs."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"bucket multiple must be a positive integer, got {multiple!r}")
+    return max(longest, min(cap, -(-longest // multiple) * multiple))
+
+
+class _Shape:
+    """One batch shape's static input buffers, the static loss and its captured graph."""
+
+    def __init__(self) -> None:
+        self.batch: dict[str, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.graph = None
+        self.seen = 0
+
+
 class GraphedTrainStep:
     """Callable `step(batch) -> loss` doing zero-grad, forward, backward and `optimizer.step()`.
 
     `loss_fn(batch) -> scalar loss` is the model call (autocast is applied here, with the weight-cast cache
-    off, as capture requires). The returned loss lives in a static buffer that the next replay overwrites:
-    read or accumulate it (on the device) before the next step.
+    off, as capture requires). The returned loss lives in a static buffer that the next replay of that shape
+    overwrites: read or accumulate it (on the device) before the next step.
+
+    `max_shapes`: how many batch shapes get a graph (each its own static buffers and memory pool; the first ones
+    seen). 1: one fixed shape, every other shape (e.g. the short last batch of an epoch) runs eagerly; with length
+    buckets (`bucket_width`) one per bucket width. Shapes beyond the limit run eagerly.
     """
 
     def __init__(self, loss_fn: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 device, autocast_dtype: torch.dtype | None = None, warmup: int = 3) -> None:
+                 device, autocast_dtype: torch.dtype | None = None, warmup: int = 3, max_shapes: int = 1) -> None:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.warmup = warmup
+        self.max_shapes = max_shapes
         self.capture = self.device.type == "cuda"
-        self.key: tuple | None = None  # the fixed shape (set by the first full batch)
-        self.static_batch: dict[str, torch.Tensor] | None = None
-        self.static_loss: torch.Tensor | None = None
-        self.graph = None
-        self.seen = 0  # fixed-shape steps run so far
+        self.shapes: dict[tuple, _Shape] = {}  # in the order first seen
+        self.seen = 0  # steps on a graphed shape so far (all shapes)
         self.replays = 0
         self.eager_steps = 0
+
+    # the first shape's buffers (a single fixed shape: the common case, and what the tests look at)
+    @property
+    def key(self) -> tuple | None:
+        return next(iter(self.shapes), None)
+
+    @property
+    def static_batch(self) -> dict[str, torch.Tensor] | None:
+        return self.shapes[self.key].batch if self.shapes else None
+
+    @property
+    def static_loss(self) -> torch.Tensor | None:
+        return self.shapes[self.key].loss if self.shapes else None
+
+    @property
+    def graph(self):
+        return self.shapes[self.key].graph if self.shapes else None
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -73,35 +110,38 @@ class GraphedTrainStep:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         key = _shape_key(batch)
-        if self.key is None:
-            self.key = key
-        if key != self.key:  # another shape (e.g. the last, shorter batch of an epoch): plain step
-            return self._eager(batch)
-        if self.static_batch is None:
-            self.static_batch = {k: v.clone() for k, v in batch.items()}
+        shape = self.shapes.get(key)
+        if shape is None:
+            if len(self.shapes) >= self.max_shapes:  # a shape without a graph: plain step
+                return self._eager(batch)
+            shape = self.shapes[key] = _Shape()
+        if shape.batch is None:
+            shape.batch = {k: v.clone() for k, v in batch.items()}
         else:
             for k, v in batch.items():
-                self.static_batch[k].copy_(v, non_blocking=True)
+                shape.batch[k].copy_(v, non_blocking=True)
+        shape.seen += 1
         self.seen += 1
         if not self.capture:
             # CPU: the same static-buffer step without capture (tests compare it with the plain loop)
-            return self._eager(self.static_batch)
-        if self.seen <= self.warmup:
+            return self._eager(shape.batch)
+        if shape.seen <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                loss = self._eager(self.static_batch)
+                loss = self._eager(shape.batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return loss
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
-            with torch.cuda.graph(self.graph):
+        if shape.graph is None:
+            # grads are then allocated inside this graph's own pool (each shape's graph keeps its own buffers)
+            shape.graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(shape.graph):
                 with self._autocast():
-                    loss = self.loss_fn(self.static_batch)
+                    loss = self.loss_fn(shape.batch)
                 loss.backward()
                 self.optimizer.step()
-                self.static_loss = loss.detach()
-        self.graph.replay()
+                shape.loss = loss.detach()
+        shape.graph.replay()
         self.replays += 1
-        return self.static_loss
+        return shape.loss

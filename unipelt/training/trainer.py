@@ -46,6 +46,8 @@ class TrainSettings:
     bucket: bool = False  # length-bucketed training batches (less padding)
     compile: bool | str = False  # torch.compile the model for training: true (inductor) or a backend name
     cuda_graph: bool = False  # capture each training step as one CUDA graph (fixed-shape batches; cuda_graph.py)
+    graph_bucket: int | None = None  # with cuda_graph: pad each batch to the next multiple of this many tokens
+    # (at most the data's max length) and keep one graph per width; null: every batch padded to one width
     max_steps: int | None = None  # stop after this many steps in total (smoke tests)
     check_every: int = 25  # steps between NaN checks (each check is one host sync)
     checkpoint_every_s: float = 0  # 0: checkpoint after every epoch; N: at most once per N seconds (sweeps of
@@ -74,6 +76,13 @@ class TrainSettings:
             raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
         if not isinstance(self.cuda_graph, bool):
             raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if self.graph_bucket is not None:
+            if not isinstance(self.graph_bucket, int) or isinstance(self.graph_bucket, bool) or self.graph_bucket < 1:
+                raise ValueError(f"train.graph_bucket must be a positive number of tokens or null, got "
+                                 f"{self.graph_bucket!r}")
+            if not self.cuda_graph:
+                raise ValueError(f"train.graph_bucket={self.graph_bucket} pads batches for CUDA graphs and needs "
+                                 f"train.cuda_graph=true; set train.cuda_graph=true or train.graph_bucket=null")
         if not (_is_number(self.checkpoint_every_s) and 0 <= self.checkpoint_every_s < math.inf):
             raise ValueError(f"train.checkpoint_every_s must be a number of seconds >= 0, got {self.checkpoint_every_s!r}")
         for name in ("max_steps", "inject_nan_at_step"):
@@ -232,7 +241,10 @@ class Trainer:
         graphed = None
         if s.cuda_graph:  # one per fit: it holds the captured graph and its static buffers across epochs
             autocast = torch.bfloat16 if s.mixed_precision == "bf16" else None
-            graphed = GraphedTrainStep(lambda b: model(**b).loss, optimizer, acc.device, autocast_dtype=autocast)
+            # with length buckets, one graph per bucket width (+ one for a short last batch)
+            shapes = 1 if s.graph_bucket is None else -(-self._graph_width() // s.graph_bucket) + 1
+            graphed = GraphedTrainStep(lambda b: model(**b).loss, optimizer, acc.device, autocast_dtype=autocast,
+                                       max_shapes=shapes)
         progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_time": 0.0,
                     "dev_metrics": {}}
         self.state = progress
@@ -307,6 +319,10 @@ class Trainer:
             return True
         return s.max_steps is not None and progress["step"] >= s.max_steps
 
+    def _graph_width(self) -> int:
+        """The widest training batch under train.cuda_graph: `pad_to`, else the longest training example."""
+        return self.pad_to or max(len(ids) for ids in self.train_data.input_ids)
+
     def _train_epoch(self, model, optimizer, scheduler, epoch: int, shard, progress: dict,
                      graphed: GraphedTrainStep | None = None) -> float:
         s, acc = self.settings, self.accelerator
@@ -317,10 +333,12 @@ class Trainer:
         running = torch.zeros((), device=device)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         n = 0
-        pad_to = None
+        pad_to = pad_multiple = None
         if graphed is not None:
-            pad_to = self.pad_to or max(len(ids) for ids in self.train_data.input_ids)
-        for batch in batches(self.train_data, order, s.batch_size, self.pad_id, bucket=s.bucket, pad_to=pad_to):
+            pad_to = self._graph_width()
+            pad_multiple = s.graph_bucket  # None: every batch padded to pad_to
+        for batch in batches(self.train_data, order, s.batch_size, self.pad_id, bucket=s.bucket, pad_to=pad_to,
+                             pad_multiple=pad_multiple):
             if s.max_steps is not None and progress["step"] >= s.max_steps:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
