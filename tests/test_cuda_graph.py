@@ -343,32 +343,58 @@ def test_batches_pad_each_batch_to_its_bucket_with_the_same_rows():
         assert torch.equal(b["labels"], p["labels"])
 
 
-def test_graphed_step_keeps_one_set_of_buffers_per_shape_up_to_its_limit_and_trains_like_the_plain_loop():
-    device = torch.device("cpu")
-    plain, graphed = _pair("unipelt_apl", device)
-    widths = [16, 32, 16, 48, 32, 16, 48, 32]  # three bucket widths
-    batches = []
-    for i, w in enumerate(widths):
+def _bucketed_batches(widths):
+    """The toy batches padded to the given widths (length buckets)."""
+    out = []
+    for w in widths:
         b = _batches(1, short_every=99)[0]
         ids = torch.zeros((b["input_ids"].shape[0], w), dtype=torch.long)
         n = min(w, b["input_ids"].shape[1])
         ids[:, :n] = b["input_ids"][:, :n]
         mask = (ids != 0).long()
         mask[:, 0] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": b["labels"]})
-    plain_losses = _train_plain(plain, batches, 1e-2, device)
-    params = list(graphed.trainable_named_parameters().values())
-    opt = capturable_adamw(params, 1e-2, device=device)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": b["labels"]})
+    return out
+
+
+def _train_bucketed(model, batches, device, max_shapes):
+    opt = capturable_adamw(list(model.trainable_named_parameters().values()), 1e-2, device=device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    step = GraphedTrainStep(lambda b: graphed(**b).loss, opt, device, warmup=2, max_shapes=2)
+    step = GraphedTrainStep(lambda b: model(**b).loss, opt, device, warmup=2, max_shapes=max_shapes)
     torch.manual_seed(3)
-    graphed_losses = []
+    losses = []
     for batch in batches:
-        graphed_losses.append(step(batch).item())
+        losses.append(step({k: v.to(device) for k, v in batch.items()}).item())
         sched.step()
+    return losses, step
+
+
+WIDTHS = [16, 32, 16, 48, 32, 16, 48, 32, 16, 32, 16, 32]  # three bucket widths; graphs for the first two
+
+
+def test_graphed_step_keeps_one_set_of_buffers_per_shape_up_to_its_limit_and_trains_like_the_plain_loop():
+    device = torch.device("cpu")
+    plain, graphed = _pair("unipelt_apl", device)
+    batches = _bucketed_batches(WIDTHS)
+    plain_losses = _train_plain(plain, batches, 1e-2, device)
+    graphed_losses, step = _train_bucketed(graphed, batches, device, max_shapes=2)
     _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-5)
     assert [key[1][1][1] for key in step.shapes] == [16, 32]  # the first two widths got static buffers...
-    assert step.seen == 6 and step.eager_steps == 8  # ...the width-48 batches (2) ran plain
+    assert step.seen == 10 and step.eager_steps == 12  # ...the width-48 batches (2) ran plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_one_captured_graph_per_bucket_width_trains_like_the_plain_loop_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+    plain, graphed = _pair("unipelt_apl", device)
+    batches = _bucketed_batches(WIDTHS)
+    plain_losses = _train_plain(plain, batches, 1e-2, device)
+    graphed_losses, step = _train_bucketed(graphed, batches, device, max_shapes=2)
+    assert sum(shape.graph is not None for shape in step.shapes.values()) == 2
+    assert step.replays == 6  # widths 16 and 32: 5 batches each, 2 warm-up, then capture + replays
+    _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-4)
 
 
 def test_a_run_with_graph_buckets_pads_each_batch_to_its_bucket_and_records_the_setting(tmp_path, monkeypatch):
