@@ -36,12 +36,16 @@ def main() -> None:
             f"[{j['began']:.0f}+{j['wall']:.0f} {j['size']}x{j['task'].split('=')[1]}]" for j in chain))
     first = min(j["began"] for j in jobs)
     idle_from = min(max(j["end"] for j in jobs if j["worker"] == w) for w in group_workers) if group_workers else end
-    busy = {kind: sum(j["wall"] for j in jobs if (j["worker"] in group_workers) == (kind == "group"))
-            / (wall * max(1, len(group_workers) if kind == "group" else len(workers) - len(group_workers)))
-            for kind in ("group", "solo")}
+    solo_workers = [w for w in workers if w not in group_workers]
+
+    def busy(kind_workers: list[int]) -> float:
+        """Share of the wall time these workers spent inside a job."""
+        inside = sum(j["wall"] for j in jobs if j["worker"] in kind_workers)
+        return inside / (wall * max(1, len(kind_workers)))
+
     print(f"start-up {first:.1f} s; last job ends at {end:.1f} s of {wall:.1f} s; tail {end - idle_from:.1f} s "
           f"(the first group worker ran out of work at {idle_from:.1f} s); group workers busy "
-          f"{100 * busy['group']:.0f}% of the wall time, solo workers {100 * busy['solo']:.0f}%")
+          f"{100 * busy(group_workers):.0f}% of the wall time, solo workers {100 * busy(solo_workers):.0f}%")
 
 
 if __name__ == "__main__":

@@ -358,6 +358,26 @@ def test_the_sweep_runs_groups_in_worker_processes_one_per_device_slot(tmp_path)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"complete"}
     assert sorted(r["group_size"] for r in rows) == [1, 1, 4, 4, 4, 4]
     assert len(list(runs.glob("*/record.json"))) == 6
+    # the log is a timeline: each job's worker, planned device and start (what sweep_timeline.py reads)
+    assert {r["device"] for r in rows} <= {"cpu"} and all(0 <= r["began_s"] < 400 for r in rows)
+    jobs = {(r["worker"], r["began_s"]) for r in rows}
+    assert len(jobs) == 3  # one group of 4 and two fine-tuning runs
+    sys.path.insert(0, str(root / "experiments"))
+    import compare_records
+    import sweep_timeline
+
+    assert [j["size"] for j in sorted(sweep_timeline.jobs_of(str(tmp_path / "log.jsonl")), key=lambda j: -j["size"])
+            ] == [4, 1, 1]
+    assert compare_records.main(str(runs), str(runs)) == 0  # a folder equals itself...
+    victim = next(runs.glob("*/record.json"))
+    changed = json.loads(victim.read_text())
+    changed["test_score"] += 0.5
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(runs, other)
+    (other / victim.parent.name / "record.json").write_text(json.dumps(changed))
+    assert compare_records.main(str(runs), str(other)) == 1  # ...and one changed score is a difference
 
 
 def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
