@@ -98,8 +98,14 @@ def task_state_dict(model: PeltModel, task: str | None = None) -> dict[str, torc
     state = {}
     for name, p in model.trainable_named_parameters(task).items():
         key = name[len(prefix):] if name.startswith(prefix) else name
-        state[key] = p.detach().contiguous().cpu()
+        state[key] = own_cpu_copy(p)
     return state
+
+
+def own_cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy with storage of its own: a grouped run's parameters are views into stacks shared by
+    the whole group (grouping/stacks.py), which safetensors refuses to write (and would write whole)."""
+    return t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def save_task(model: PeltModel, folder: str | Path, task: str | None = None, extra: dict | None = None,

@@ -2,9 +2,11 @@
 
 Each run is a task of one `PeltModel` (its own modules, gates and head). A grouped batch holds B rows per run,
 run after run: rows [r*B, (r+1)*B) belong to run r. While the engine's forward runs, the model's active task is
-`GROUP`, and every site calls the group's callables instead of one task's: each method stacks its per-run
-parameters (zeros for runs without that method, which add exactly nothing) and applies them with batched
-matmuls over runs, so the number of kernels per step does not grow with R.
+`GROUP`, and every site calls the group's callables instead of one task's: each method reads its per-run
+parameters as stacks over the runs (zeros for runs without that method, which add exactly nothing) and applies
+them with batched matmuls over runs, so the number of kernels per step does not grow with R. The stacks are made
+once per group and hold the runs' parameters themselves (stacks.py), so a step never re-stacks or routes
+gradients per parameter.
 
 Methods take part through `PeltMethod.attach_group(engine)` (one per method file, like `attach`); the engine
 supplies the stacking, the per-run gates and the per-run dropout (see noise.py).
@@ -20,16 +22,10 @@ from ..gates import Gate
 from ..methods import method_class
 from ..model import PeltModel
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
+from .stacks import ParameterStacks
+from .transfer import to_device
 
 GROUP = "__group__"
-
-
-def to_device(values, dtype, device) -> torch.Tensor:
-    """torch.tensor(values) on `device` without a host sync: `torch.tensor(..., device="cuda")` copies with a
-    blocking copy that waits for every queued kernel, so the host could never run ahead of a launch-bound GPU.
-    A non-blocking copy from pageable memory is staged by the driver at once, so `values` may go away."""
-    out = torch.tensor(values, dtype=dtype)
-    return out if torch.device(device).type == "cpu" else out.to(device, non_blocking=True)
 
 
 class NotGroupable(ValueError):
@@ -62,7 +58,8 @@ class GroupEngine:
         self._constants: dict = {}
         self._frozen: dict | None = None  # see frozen_parameters
         self.mask_dtype = model.encoder.dtype  # fp32, also after GroupTrainer casts the frozen linears to bf16
-        self._routes: list = []  # (stacked leaf, its parameters) of the last training forward: see route_grads
+        self.stacks = ParameterStacks(len(self.members))  # the runs' parameters, stacked once (stacks.py)
+        self._member_pos = {m: i for i, m in enumerate(self.members)}
         self.prefix_length = 0
         self.step: GroupStep | None = None
         self.gate_log: dict[str, list[torch.Tensor | None]] = {}
@@ -129,15 +126,15 @@ class GroupEngine:
 
     def stack(self, key, name: str, tensors, shape: tuple, parameters: bool = True, dtype=None) -> torch.Tensor:
         """(R, n, *shape): `tensors(method)` gives the n tensors of one run (e.g. one per layer), or None for a run
-        that lacks them (zeros, no gradient). One stacking kernel per forward, shared by all layers; the list of
-        tensors to stack is built once per set of live runs (parameters keep their identity between steps);
-        `parameters=False` for tensors computed from parameters in the forward (e.g. prefix states). `dtype`: the
-        stack cast once per forward (not once per layer that reads it); a cast is exact, as autocast's own is."""
+        that lacks them (zeros, no gradient). Parameters live in the group's persistent stack (`persistent`);
+        `parameters=False` for tensors computed from parameters in the forward (e.g. prefix states), stacked once
+        per forward. `dtype`: the stack cast once per forward (not once per layer that reads it); a cast is exact,
+        as autocast's own is."""
 
         def build():
             if not parameters:
                 return torch.stack(self._flat(name, tensors, shape))
-            return self.stack_parameters(self.tensor_list(("stack", key), lambda: self._flat(name, tensors, shape)))
+            return self.persistent(("stack", key), lambda: [self._flat(name, tensors, shape)])[0]
 
         flat = self.cached(("stack", key), build, stable=True)
         if dtype is not None and flat.dtype != dtype:
@@ -151,29 +148,39 @@ class GroupEngine:
         return self.cached(("layers", key, dtype),
                            lambda: self.stack(key, name, tensors, shape, parameters, dtype).unbind(1), stable=True)
 
-    def stack_parameters(self, params: list) -> torch.Tensor:
-        """torch.stack of parameters (and zero stand-ins). While training, the stack is made outside autograd and
-        becomes a leaf of its own; `route_grads()` after the backward hands each parameter its slice of that
-        leaf's gradient (a view). Same gradients as stacking through autograd, without a StackBackward that splits
-        them and one AccumulateGrad per parameter of every run: the host work of a step no longer grows with the
-        number of parameters per run."""
-        if not torch.is_grad_enabled():
-            return torch.stack(params)
-        with torch.no_grad():
-            stacked = torch.stack(params)
-        stacked.requires_grad_(True)
-        self._routes.append((stacked, params))
-        return stacked
+    def persistent(self, key, build) -> tuple:
+        """The live runs' rows of the group's stacks `key`: `build()` gives lists of member-major tensors (each run's
+        parameters, zeros where a run lacks one), and is called once per group, for all members (see stacks.py);
+        each list becomes a leaf that autograd and StackedAdamW update, the runs' parameters views into it."""
+        stacks = self.stacks
+        if stacks.get((key, 0)) is None:
+            with self._as_members():
+                parts = build()
+            for i, entries in enumerate(parts):
+                stacks.add((key, i), entries)
+        live = self._live_index()
+        i, out = 0, []
+        while (stack := stacks.get((key, i))) is not None:
+            out.append(stack.rows(live))
+            i += 1
+        return tuple(out)
 
-    def route_grads(self) -> None:
-        """After backward: give every stacked parameter its gradient (a view of its stack's gradient)."""
-        for stacked, params in self._routes:
-            if stacked.grad is None:
-                continue
-            for param, grad in zip(params, stacked.grad.unbind(0)):
-                if param.requires_grad:  # zero stand-ins for runs without the tensor have none
-                    param.grad = grad if param.grad is None else param.grad + grad
-        self._routes = []
+    @contextlib.contextmanager
+    def _as_members(self):
+        """Builders see every member as a live run (stacks are made for the whole group, once)."""
+        saved = self.step
+        self.step = GroupStep(list(self.members), saved.rows if saved is not None else 1, None)
+        try:
+            yield
+        finally:
+            self.step = saved
+
+    def _live_index(self) -> torch.Tensor | None:
+        """Positions of the live runs among the members (None: all of them, in order: the stacks as they are)."""
+        runs = self.step.runs
+        if runs == self.members:
+            return None
+        return self.constant("live", [self._member_pos[r] for r in runs], torch.long)
 
     def tensor_list(self, key, build) -> list:
         """A list of tensors that depends only on the live runs, built once per set of runs."""
@@ -242,11 +249,26 @@ class GroupEngine:
             out[kind] = self._finish_gate(kind, layer, values[:, j], gated)
         return out
 
-    def input_gate(self, x: torch.Tensor, gates: list, kind: str, layer: int):
-        """Gate values of per-run gates reading `x` itself (e.g. an adapter's input)."""
+    def input_gate(self, x: torch.Tensor, method_name: str, layer_gates, kind: str, layer: int):
+        """Gate values of per-run gates reading `x` itself (e.g. an adapter's input): `layer_gates(method)` gives a
+        run's gates of every layer (None for a run, or a layer, without one); stacked once for all layers."""
+        gates = self.tensor_list(("input_gates", kind, layer), lambda: [
+            g[layer] if (g := layer_gates(m) if m is not None else None) is not None else None
+            for m in self.methods(method_name)])
         if all(g is None for g in gates):
             return self._finish_gate(kind, layer, None, [False] * self.R)
-        values = self.gate_values(x, [gates], key=(kind, layer))[:, 0]
+        L = self.info.num_layers
+
+        def lists():
+            per_run = [layer_gates(m) if m is not None else None for m in self.methods(method_name)]
+            return self._gate_tensors([g[i] if g is not None else None for g in per_run for i in range(L)])
+
+        def layers():
+            w, b = self.persistent(("input_gate", kind), lists)
+            return w.view(self.R, L, 1, -1).unbind(1), b.view(self.R, L, 1, 1).unbind(1)
+
+        w, b = self.cached(("input_gate", kind), layers, stable=True)
+        values = self._gate_values_with(x, w[layer], b[layer])[:, 0]
         return self._finish_gate(kind, layer, values, [g is not None for g in gates])
 
     def _finish_gate(self, kind: str, layer: int, values: torch.Tensor, gated: list[bool]):
@@ -259,22 +281,20 @@ class GroupEngine:
         return values, gated_t
 
     def _layer_gate_params(self):
-        """(R, L, n, h) weights and (R, L, 1, n) biases of every layer-input gate of every run: one stack per
-        forward for all layers (zeros where a run lacks that gate)."""
-        L = self.info.num_layers
-        weights, biases, n = self.tensor_list("layer_gate_lists", self._layer_gate_lists)
-        w = self.stack_parameters(weights).view(self.R, L, n, -1)
-        b = self.stack_parameters(biases).view(self.R, L, 1, n)
-        return w, b
-
-    def _layer_gate_lists(self):
+        """(R, L, n, h) weights and (R, L, 1, n) biases of every layer-input gate of every run: one stack for all
+        layers (zeros where a run lacks that gate)."""
         L = self.info.num_layers
         n = max(len(self._layer_gates.get(i, [])) for i in range(L))
+        w, b = self.persistent("layer_gates", lambda: self._layer_gate_lists(n))
+        return w.view(self.R, L, n, -1), b.view(self.R, L, 1, n)
+
+    def _layer_gate_lists(self, n: int):
+        L = self.info.num_layers
         per_layer = [[[getter(m) if m is not None else None for m in self.methods(method_name)]
                       for _, method_name, getter in self._layer_gates.get(i, [])] for i in range(L)]
         ordered = [per_layer[i][j][r] if j < len(per_layer[i]) else None
                    for r in range(self.R) for i in range(L) for j in range(n)]
-        return (*self._gate_tensors(ordered), n)
+        return self._gate_tensors(ordered)
 
     def _gate_tensors(self, gates: list) -> tuple[list, list]:
         """Weights and biases of `gates` in order; a zero gate (no gradient) stands in for None."""
@@ -282,21 +302,6 @@ class GroupEngine:
         zero_b = torch.zeros(1, device=self.device)
         return ([zero_w if g is None else g.proj.weight for g in gates],
                 [zero_b if g is None else g.proj.bias for g in gates])
-
-    def gate_values(self, x: torch.Tensor, per_kind: list[list[Gate | None]], key=None) -> torch.Tensor:
-        """(R*B, n): mean over real tokens of sigmoid(w . x + b), one column per gate kind, batched over runs
-        (`key`: the gate lists are built once per set of live runs)."""
-        n = len(per_kind)
-
-        def lists():
-            return self._gate_tensors([per_kind[j][r] for r in range(self.R) for j in range(n)])
-
-        def stacks():
-            weights, biases = lists() if key is None else self.tensor_list(("gates", key), lists)
-            return self.stack_parameters(weights).view(self.R, n, -1), self.stack_parameters(biases).view(self.R, 1, n)
-
-        w, b = stacks() if key is None else self.cached(("gate_params", key), stacks, stable=True)
-        return self._gate_values_with(x, w, b)
 
     def _gate_values_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         R, B = self.R, self.B
@@ -427,7 +432,6 @@ class GroupEngine:
             self.gate_log = {}
         state.begin(attention_mask, self.mask_dtype)
         state.active = GROUP
-        self._routes = []
         try:
             # The padding mask reaches attention through `state` (_key_mask). The encoder gets none: its own mask
             # is unused here, and building it costs a host sync per forward (transformers asks mask.all()).
@@ -444,10 +448,13 @@ class GroupEngine:
         heads = self.tensor_list("heads", lambda: [self.model.tasks[r].head for r in self.step.runs])
         h = hidden.shape[-1]
         C = heads[0].num_labels
-        params = self.tensor_list("head_params", lambda: [[getattr(getattr(hd, m), a) for hd in heads]
-                                                          for m in ("dense", "out") for a in ("weight", "bias")])
+
+        def params():
+            member_heads = [self.model.tasks[r].head for r in self.step.runs]
+            return [[getattr(getattr(hd, m), a) for hd in member_heads] for m in ("dense", "out") for a in ("weight", "bias")]
+
         dense_w, dense_b, out_w, out_b = self.cached(  # (R,h,h) (R,h) (R,C,h) (R,C)
-            ("head_params",), lambda: tuple(self.stack_parameters(ts) for ts in params), stable=True)
+            ("head_params",), lambda: self.persistent("heads", params), stable=True)
         dense_b, out_b = dense_b.unsqueeze(1), out_b.unsqueeze(1)
         x = hidden[:, 0].reshape(R, B, h)
         noise = self.step.noise
@@ -474,7 +481,9 @@ class GroupEngine:
         return (per_row * valid).sum(1) / valid.sum(1).clamp_min(1)
 
     def close(self) -> None:
-        """Remove the group's callables from the encoder sites (the runs' own modules stay)."""
+        """Remove the group's callables from the encoder sites (the runs' own modules stay, with storage of their
+        own again)."""
+        self.stacks.release()
         self.injector.remove_task(GROUP)
 
 

@@ -28,7 +28,9 @@ from ..training.batching import Encoded, epoch_order
 from ..training.checkpoint import Checkpointer, load_optimizer_state
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
-from .engine import GroupEngine, to_device
+from .engine import GroupEngine
+from .stacks import StackedAdamW
+from .transfer import to_device
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
@@ -296,6 +298,7 @@ class GroupTrainer:
             run.tracker = RunTracker(s.log_with, run.run_dir, run.run_dir.name, run.config)
             run.last_checkpoint = time.perf_counter()
             run.best_unsaved = False
+        self.stacked_adam = StackedAdamW(self.engine.stacks, [r.optimizer for r in self.runs])
 
     def _done(self, run: GroupRun) -> bool:
         s, p = run.settings, run.state
@@ -352,8 +355,8 @@ class GroupTrainer:
             losses = self._inject_nan(runs, losses)
             for r in runs:
                 r.optimizer.zero_grad(set_to_none=True)
+            self.stacked_adam.zero_grad()
             losses.sum().backward()
-            self.engine.route_grads()
             self.step_optimizers(runs)
             index = to_device(active, torch.long, self.device)
             detached = losses.detach().float()
@@ -380,10 +383,12 @@ class GroupTrainer:
             self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
 
     def step_optimizers(self, runs: list[GroupRun]) -> None:
-        """Each run's AdamW step, then its schedule. Runs whose hyper-parameters agree at this step (same LR, weight
-        decay, betas...) are stepped by one call of torch's Adam functional over all their tensors: the arithmetic
-        is per tensor (each with its own step count and moments), so every run gets exactly its own optimizer's
-        update, in a handful of kernel launches instead of one optimizer call per run."""
+        """Each run's AdamW step, then its schedule. The stacked parameters (most of them) are updated stack by stack
+        (StackedAdamW, each row with its run's hyper-parameters). The rest (e.g. prefix MLPs, used by each run's own
+        forward) of runs whose hyper-parameters agree at this step (same LR, weight decay, betas...) are stepped by
+        one call of torch's Adam functional over all their tensors: the arithmetic is per tensor (each with its own
+        step count and moments), so every run gets exactly its own optimizer's update."""
+        self.stacked_adam.step([r.index for r in runs])
         buckets: dict[tuple, list[list]] = {}
         for run in runs:
             opt = run.optimizer
@@ -392,13 +397,15 @@ class GroupTrainer:
                 opt.step()  # not the layout bucketing assumes: the optimizer's own step
                 continue
             lists, has_complex = self._adam_lists(run, group)
+            opt._opt_called = True  # what Optimizer.step's wrapper records (the LR scheduler checks it)
+            if not lists[0]:
+                continue  # every parameter of the run is stacked
             key = (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"], group["amsgrad"],
                    group["maximize"], group["foreach"], group["capturable"], group["differentiable"], group["fused"],
                    group["decoupled_weight_decay"], has_complex)
             bucket = buckets.setdefault(key, [[], [], [], [], [], []])
             for into, items in zip(bucket, lists):
                 into.extend(items)
-            opt._opt_called = True  # what Optimizer.step's wrapper records (the LR scheduler checks it)
         for key, lists in buckets.items():
             (lr, weight_decay, (beta1, beta2), eps, amsgrad, maximize, foreach, capturable, differentiable, fused,
              decoupled, has_complex) = key
@@ -410,12 +417,11 @@ class GroupTrainer:
         for run in runs:
             run.scheduler.step()
 
-    @staticmethod
-    def _adam_lists(run: GroupRun, group: dict) -> tuple[list[list], bool]:
-        """The six tensor lists torch's Adam functional takes for this run. The first step gathers them with the
-        optimizer's own `_init_group` (which also creates the state); later steps reuse the gathered parameters,
-        moments and step counters (same tensors, updated in place) and only collect the new gradients, which
-        saves the per-parameter Python of `_init_group` for every run at every step."""
+    def _adam_lists(self, run: GroupRun, group: dict) -> tuple[list[list], bool]:
+        """The six tensor lists torch's Adam functional takes for this run's unstacked parameters. The first step
+        gathers them with the optimizer's own `_init_group` (which also creates the state); later steps reuse the
+        gathered parameters, moments and step counters (same tensors, updated in place) and only collect the new
+        gradients, which saves the per-parameter Python of `_init_group` for every run at every step."""
         cached = getattr(run, "adam_cache", None)
         if cached is not None:
             params, exp_avgs, exp_avg_sqs, max_sqs, steps, has_complex = cached
@@ -424,7 +430,7 @@ class GroupTrainer:
                 return [params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps], has_complex
         lists: list[list] = [[], [], [], [], [], []]
         has_complex = run.optimizer._init_group(group, *lists)  # the optimizer's own lazy state set-up and gathering
-        whole = len(lists[0]) == len(group["params"])
+        whole = len(lists[0]) == sum(not self.engine.stacks.holds(p) for p in group["params"])
         run.adam_cache = (lists[0], lists[2], lists[3], lists[4], lists[5], has_complex) if whole else None
         return lists, has_complex
 
@@ -465,6 +471,7 @@ class GroupTrainer:
         run.tracker.log({k: p["history"][-1][k] for k in ("train_loss", "dev_score", "lr", "epoch")}, step=p["step"])
         if time.perf_counter() - run.last_checkpoint >= s.checkpoint_every_s and not self._done(run):
             saved = {k: v for k, v in p.items() if k not in ("epoch", "resumed_from_epoch")}
+            self.stacked_adam.export_to(run.index)
             run.checkpoints.save(epoch, self._snapshot(run), run.best_state if run.best_unsaved else None,
                                  run.optimizer, run.scheduler, saved)
             run.last_checkpoint, run.best_unsaved = time.perf_counter(), False

@@ -127,8 +127,8 @@ def _group_post(engine, where: str, layer: int):
         z = first.blocks[next(iter(first.blocks))][0].act(
             torch.baddbmm(down_b.unsqueeze(1), y3, down_w.transpose(1, 2)))
         update = torch.baddbmm(up_b.to(z.dtype).unsqueeze(1), z, up_w.to(z.dtype).transpose(1, 2)).view(y.shape)
-        gates = [blocks(m)[layer].gate if m is not None and blocks(m) is not None else None for m in methods]
-        values, gated = engine.input_gate(y, gates, f"adapter_{where}", layer)
+        values, gated = engine.input_gate(y, "adapter", lambda m: [b.gate for b in blocks(m)] if blocks(m) is not None else None,
+                                          f"adapter_{where}", layer)
         if values is not None:
             mult = torch.where(engine.rows(gated), values, 1.0)
             update = update * mult.to(update.dtype).view(-1, *([1] * (update.dim() - 1)))

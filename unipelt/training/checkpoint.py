@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, own_cpu_copy
 from .record import config_diff
 
 STATE_FILE = "state.json"
@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = {k: own_cpu_copy(v) for k, v in tensors.items()}
     atomic_write_bytes(path, lambda tmp: save_file(data, tmp))
 
 
