@@ -165,6 +165,30 @@ class GroupEngine:
             i += 1
         return tuple(out)
 
+    def owned_stacks(self, key, name: str, build) -> tuple[tuple, torch.Tensor | None]:
+        """Like `persistent`, for tensors only runs with method `name` have, stacked over those members alone (no
+        stand-ins: a prefix MLP is millions of values per run). `build(methods)` gets those members' instances.
+        Returns the rows of the live runs that have the method, in live order, and their positions among the live
+        runs (None: every live run has it)."""
+        stacks = self.stacks
+        if stacks.get((key, 0)) is None:
+            with self._as_members():
+                methods = self.methods(name)
+            owners = [i for i, m in enumerate(methods) if m is not None]
+            for i, entries in enumerate(build([methods[i] for i in owners])):
+                stacks.add((key, i), entries, owners)
+        owners = stacks.get((key, 0)).owners
+        slot = {m: j for j, m in enumerate(owners)}
+        live = [(pos, slot[self._member_pos[r]]) for pos, r in enumerate(self.step.runs) if self._member_pos[r] in slot]
+        rows = None if [j for _, j in live] == list(range(len(owners))) else \
+            self.constant(("owned", key), [j for _, j in live], torch.long)
+        positions = None if len(live) == self.R else self.constant(("owned_at", key), [p for p, _ in live], torch.long)
+        out, i = [], 0
+        while (stack := stacks.get((key, i))) is not None:
+            out.append(stack.rows(rows))
+            i += 1
+        return tuple(out), positions
+
     @contextlib.contextmanager
     def _as_members(self):
         """Builders see every member as a live run (stacks are made for the whole group, once)."""

@@ -22,17 +22,19 @@ from .transfer import to_device
 
 @dataclass
 class ParameterStack:
-    """One per-run tensor family stacked over the group's members: `leaf` is (members * n, *shape), member-major;
-    `params[e]` is the run's parameter of entry e (None for a zero stand-in of a run without the tensor)."""
+    """One per-run tensor family stacked over members of the group: `leaf` is (len(owners) * n, *shape), owner-major
+    (`owners`: the members' positions, all of them or those that have the tensor); `params[e]` is the run's
+    parameter of entry e (None for a zero stand-in of a run without the tensor)."""
 
     key: object
     leaf: torch.Tensor
-    n: int  # entries per member
+    n: int  # entries per owner
+    owners: list[int]
     params: list
     table_index: torch.Tensor  # (E,) long: the entry's row in StackedAdamW's table (its member; stand-ins: the last)
 
     def rows(self, live: torch.Tensor | None) -> torch.Tensor:
-        """(R*n, *shape): the rows of the members in `live` (positions in the member list), in that order."""
+        """(R*n, *shape): the rows of the owners in `live` (positions in `owners`), in that order; None: all."""
         if live is None:
             return self.leaf
         shape = self.leaf.shape[1:]
@@ -50,12 +52,13 @@ class ParameterStacks:
     def get(self, key) -> ParameterStack | None:
         return self.stacks.get(key)
 
-    def add(self, key, entries: list[torch.Tensor]) -> ParameterStack:
-        """Stack `entries` (members * n tensors, member-major; parameters, or stand-ins that need no gradient) into
-        a new leaf, and re-point every parameter among them at its row."""
-        if len(entries) % self.members:
-            raise ValueError(f"stack {key!r}: {len(entries)} entries do not split over {self.members} members")
-        n = len(entries) // self.members
+    def add(self, key, entries: list[torch.Tensor], owners: list[int] | None = None) -> ParameterStack:
+        """Stack `entries` (n tensors of each member in `owners` (default: all), owner-major; parameters, or stand-ins
+        that need no gradient) into a new leaf, and re-point every parameter among them at its row."""
+        owners = list(range(self.members)) if owners is None else list(owners)
+        if not owners or len(entries) % len(owners):
+            raise ValueError(f"stack {key!r}: {len(entries)} entries do not split over the members {owners}")
+        n = len(entries) // len(owners)
         with torch.no_grad():
             leaf = torch.stack([e.detach() for e in entries])
         trainable = [isinstance(e, torch.nn.Parameter) and e.requires_grad for e in entries]
@@ -68,8 +71,8 @@ class ParameterStacks:
                 raise RuntimeError(f"a parameter of stack {key!r} is already stacked in {self.owned[id(p)]!r}")
             self.owned[id(p)] = key
             p.data = leaf.data[e]  # the run's tensor now lives in the stack (same values)
-        table = [e // n if t else self.members for e, t in enumerate(trainable)]
-        stack = ParameterStack(key, leaf, n, params, to_device(table, torch.long, leaf.device))
+        table = [owners[e // n] if t else self.members for e, t in enumerate(trainable)]
+        stack = ParameterStack(key, leaf, n, owners, params, to_device(table, torch.long, leaf.device))
         self.stacks[key] = stack
         return stack
 
@@ -125,7 +128,7 @@ class StackedAdamW:
             for e, p in enumerate(stack.params):
                 if p is None:
                     continue
-                member = e // stack.n
+                member = stack.owners[e // stack.n]
                 state = self.optimizers[member].state.get(p)
                 if state and "exp_avg" in state:
                     exp_avg[e].copy_(state["exp_avg"])
@@ -175,8 +178,11 @@ class StackedAdamW:
         for stack in self.stacks:
             if stack.key not in self.moments:
                 continue
+            if member not in stack.owners:
+                continue
             exp_avg, exp_avg_sq = self.moments[stack.key]
-            for e in range(member * stack.n, (member + 1) * stack.n):
+            first = stack.owners.index(member) * stack.n
+            for e in range(first, first + stack.n):
                 p = stack.params[e]
                 if p is None:
                     continue

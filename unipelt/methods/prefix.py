@@ -120,9 +120,8 @@ class PrefixMethod(PeltMethod):
             if all(m is None for m in methods):
                 return None
             # every run's prefix states, (R, num_layers, 2, length, hidden), split per layer once per forward
-            states = engine.cached(("prefix_layers",), lambda: engine.stack(
-                "prefix_states", cls.name, lambda m: [m.prefix_states()],
-                (info.num_layers, 2, length, info.hidden_size), parameters=False)[:, 0].unbind(1), stable=True)
+            states = engine.cached(("prefix_layers",), lambda: _group_states(engine, cls.name, info, length).unbind(1),
+                                   stable=True)
             kv = states[layer].view(R, 2, length, info.num_heads, info.head_dim).permute(1, 0, 3, 2, 4)
             shape = (R * B, info.num_heads, length, info.head_dim)
             values, gated = engine.gate(layer, "prefix")
@@ -143,3 +142,23 @@ class PrefixMethod(PeltMethod):
         h = info.hidden_size
         training = cfg.length * h + h * cfg.mlp_hidden + cfg.mlp_hidden + cfg.mlp_hidden * info.num_layers * 2 * h + info.num_layers * 2 * h
         return {"prefix_training_params": training, "prefix_folded_params": folded}
+
+
+def _group_states(engine, name: str, info, length: int) -> torch.Tensor:
+    """(R, layers, 2, P, h) prefix states of the live runs (zeros for runs without a prefix). The MLPs of all runs
+    run as one batched MLP over their stacked weights (the group's stacks, grouping/stacks.py), the same arithmetic
+    as each run's `prefix_states()`; folded prefixes (no MLP) are stacked as they are."""
+    R = engine.R
+    shape = (info.num_layers, 2, length, info.hidden_size)
+    if any(m is not None and m.folded for m in engine.member_methods(name)):
+        return engine.stack("prefix_states", name, lambda m: [m.prefix_states()], shape, parameters=False)[:, 0]
+    (emb, w1, b1, w2, b2), positions = engine.owned_stacks("prefix_mlp", name, lambda methods: [
+        [m.embedding.weight for m in methods], [m.mlp[0].weight for m in methods], [m.mlp[0].bias for m in methods],
+        [m.mlp[2].weight for m in methods], [m.mlp[2].bias for m in methods]])
+    dtype = engine.compute_dtype(emb)
+    hidden = torch.tanh(torch.baddbmm(b1.to(dtype).unsqueeze(1), emb.to(dtype), w1.to(dtype).transpose(1, 2)))
+    out = torch.baddbmm(b2.to(dtype).unsqueeze(1), hidden, w2.to(dtype).transpose(1, 2))  # (R', P, layers*2*h)
+    states = out.view(-1, length, *shape[:2], info.hidden_size).permute(0, 2, 3, 1, 4)
+    if positions is None:
+        return states
+    return states.new_zeros(R, *shape).index_copy(0, positions, states)
