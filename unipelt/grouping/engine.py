@@ -475,7 +475,8 @@ class GroupEngine:
 
         def params():
             member_heads = [self.model.tasks[r].head for r in self.step.runs]
-            return [[getattr(getattr(hd, m), a) for hd in member_heads] for m in ("dense", "out") for a in ("weight", "bias")]
+            return [[getattr(getattr(hd, m), a) for hd in member_heads]
+                    for m in ("dense", "out") for a in ("weight", "bias")]
 
         dense_w, dense_b, out_w, out_b = self.cached(  # (R,h,h) (R,h) (R,C,h) (R,C)
             ("head_params",), lambda: self.persistent("heads", params), stable=True)

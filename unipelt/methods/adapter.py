@@ -127,8 +127,10 @@ def _group_post(engine, where: str, layer: int):
         z = first.blocks[next(iter(first.blocks))][0].act(
             torch.baddbmm(down_b.unsqueeze(1), y3, down_w.transpose(1, 2)))
         update = torch.baddbmm(up_b.to(z.dtype).unsqueeze(1), z, up_w.to(z.dtype).transpose(1, 2)).view(y.shape)
-        values, gated = engine.input_gate(y, "adapter", lambda m: [b.gate for b in blocks(m)] if blocks(m) is not None else None,
-                                          f"adapter_{where}", layer)
+        def layer_gates(m):
+            return [b.gate for b in blocks(m)] if blocks(m) is not None else None
+
+        values, gated = engine.input_gate(y, "adapter", layer_gates, f"adapter_{where}", layer)
         if values is not None:
             mult = torch.where(engine.rows(gated), values, 1.0)
             update = update * mult.to(update.dtype).view(-1, *([1] * (update.dim() - 1)))
