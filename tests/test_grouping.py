@@ -385,13 +385,33 @@ def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
     from unipelt.plan import ConfigError
 
     for overrides, message in ((["group.max_runs=0"], "group.max_runs must be a positive integer or null, got 0"),
-                               (["group.enabled=maybe"], "group.enabled must be true or false, got 'maybe'")):
+                               (["group.enabled=maybe"], "group.enabled must be true or false, got 'maybe'"),
+                               (["group.eval_rows=0"], "group.eval_rows must be a positive integer or null, got 0")):
         cfg = config("method=lora", *overrides, f"output.runs_dir={tmp_path / 'runs'}")
         with pytest.raises(ConfigError, match=message):
             plan(cfg)
         (outcome,) = execute_many([cfg])
         assert outcome.status == "error" and message in outcome.message
     assert not (tmp_path / "runs").exists()
+
+
+def test_group_eval_rows_sets_the_evaluation_forwards_not_the_metrics(tmp_path):
+    """group.eval_rows caps the rows of one grouped evaluation forward: a small cap means more, smaller forwards and
+    exactly the same predictions (rows are independent; each run's rows keep their order)."""
+    got = []
+    for cap in (6, 1024):
+        model, runs = build_group(MIXED[:3], tmp_path / str(cap))
+        trainer = GroupTrainer(model, runs, 0, 24, "cpu", progress=False, eval_rows=cap)
+        trainer._start()
+        forwards = []
+        real = trainer.engine.forward
+        trainer.engine.forward = lambda *a, **k: forwards.append(k["input_ids"].shape[0]) or real(*a, **k)
+        metrics = trainer.evaluate_dev(runs)
+        got.append((metrics, forwards))
+    (small, small_forwards), (large, large_forwards) = got
+    assert small == large
+    assert max(small_forwards) <= 6 and len(small_forwards) == 5  # 2 rows per run per forward, 9 dev rows each
+    assert len(large_forwards) == 2  # then the runs' eval batch size (8) is the limit: 8 + 1 rows each
 
 
 def test_bucketed_optimizer_step_is_each_runs_own_adamw_step(tmp_path):

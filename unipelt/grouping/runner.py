@@ -178,7 +178,7 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
     from ..training.batching import encode
     from ..training.checkpoint import Checkpointer
     from ..training.lock import run_lock
-    from .trainer import GroupRun, GroupTrainer
+    from .trainer import EVAL_ROWS, GroupRun, GroupTrainer
 
     outcomes = {p.run_id: None for p in plans}
     datasets = {}
@@ -229,8 +229,9 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
             runs.append(GroupRun(name, p.spec, p.settings, encode(data.train, p.spec, tokenizer, p.max_length),
                                  encode(data.dev, p.spec, tokenizer, p.max_length), p.run_dir, p.config))
         plan_of = {_task_name(i): p for i, p in enumerate(members)}
+        eval_rows = ((first.config or {}).get("group") or {}).get("eval_rows") or EVAL_ROWS
         trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
-                               first.settings.mixed_precision, progress=progress)
+                               first.settings.mixed_precision, progress=progress, eval_rows=eval_rows)
         if len(runs) > 1:
             print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}) on {device}", flush=True)
 

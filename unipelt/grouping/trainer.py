@@ -34,7 +34,8 @@ from .transfer import to_device
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
-EVAL_ROWS = 1024  # most rows of one grouped evaluation forward (all runs together): 4096 ran out of memory with
+EVAL_ROWS = 1024  # default most rows of one grouped evaluation forward (all runs together; group.eval_rows): 4096 ran
+# out of memory with
 # several group processes on one H100 (experiments/results/grouped_minilm/README.md)
 
 
@@ -120,7 +121,8 @@ def run_relative(name: str) -> str:
 
 class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
-                 mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True) -> None:
+                 mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
+                 eval_rows: int = EVAL_ROWS) -> None:
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
         self.model = model
@@ -129,6 +131,7 @@ class GroupTrainer:
         self.device = torch.device(device)
         self.mixed_precision = mixed_precision
         self.progress = progress
+        self.eval_rows_cap = eval_rows
         self.engine = GroupEngine(model, [r.name for r in runs], max_length)
         if cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
             cast_frozen_linears(model.encoder, torch.bfloat16)
@@ -222,8 +225,8 @@ class GroupTrainer:
 
     def eval_rows(self, runs: list[GroupRun]) -> int:
         """Rows per run in one evaluation forward: the runs' eval batch size, shrunk so that a whole group's
-        forward stays within EVAL_ROWS rows (evaluation batch sizes do not change results)."""
-        return max(1, min(runs[0].settings.eval_batch_size, EVAL_ROWS // len(runs)))
+        forward stays within `eval_rows` rows (group.eval_rows; evaluation batch sizes do not change results)."""
+        return max(1, min(runs[0].settings.eval_batch_size, self.eval_rows_cap // len(runs)))
 
     def evaluate_dev(self, runs: list[GroupRun]) -> list[dict]:
         index = {r.name: i for i, r in enumerate(self.runs)}

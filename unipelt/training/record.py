@@ -29,7 +29,7 @@ def run_id(task: str, method: str, k, data_seed: int, seed: int, model: str, tag
 
 # Config keys that never change a run's result: where things are written or read from, speed knobs, fault
 # injection. Everything else in the resolved config must match for a run to be resumed or skipped.
-NON_RESULT_KEYS = ("output", "runtime", "hydra", "data.dir", "model.path", "group.max_runs", "train.check_every",
+NON_RESULT_KEYS = ("output", "runtime", "hydra", "data.dir", "model.path", "group.max_runs", "group.eval_rows", "train.check_every",
                    "train.inject_nan_at_step", "train.eval_batch_size", "train.checkpoint_every_s",
                    "train.log_with")
 
