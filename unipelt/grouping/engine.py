@@ -158,12 +158,7 @@ class GroupEngine:
                 parts = build()
             for i, entries in enumerate(parts):
                 stacks.add((key, i), entries)
-        live = self._live_index()
-        i, out = 0, []
-        while (stack := stacks.get((key, i))) is not None:
-            out.append(stack.rows(live))
-            i += 1
-        return tuple(out)
+        return self._stack_rows(key, self._live_index())
 
     def owned_stacks(self, key, name: str, build) -> tuple[tuple, torch.Tensor | None]:
         """Like `persistent`, for tensors only runs with method `name` have, stacked over those members alone (no
@@ -180,14 +175,18 @@ class GroupEngine:
         owners = stacks.get((key, 0)).owners
         slot = {m: j for j, m in enumerate(owners)}
         live = [(pos, slot[self._member_pos[r]]) for pos, r in enumerate(self.step.runs) if self._member_pos[r] in slot]
-        rows = None if [j for _, j in live] == list(range(len(owners))) else \
+        index = None if [j for _, j in live] == list(range(len(owners))) else \
             self.constant(("owned", key), [j for _, j in live], torch.long)
         positions = None if len(live) == self.R else self.constant(("owned_at", key), [p for p, _ in live], torch.long)
+        return self._stack_rows(key, index), positions
+
+    def _stack_rows(self, key, index: torch.Tensor | None) -> tuple:
+        """The rows `index` (None: all) of every part (key, 0), (key, 1), ... of a stacked family."""
         out, i = [], 0
-        while (stack := stacks.get((key, i))) is not None:
-            out.append(stack.rows(rows))
+        while (stack := self.stacks.get((key, i))) is not None:
+            out.append(stack.rows(index))
             i += 1
-        return tuple(out), positions
+        return tuple(out)
 
     @contextlib.contextmanager
     def _as_members(self):
