@@ -4,7 +4,7 @@
 Here (CPU, unipelt installed with the MPNet parts):
     python experiments/mpnet_to_device.py pack
 writes into the git-ignored .dev/mpnet_parts/: the weights as bf16 safetensors split into parts of at most
---part-bytes (default 50 MB, about 219 MB in 5 parts), config.json + tokenizer files, and manifest.json
+--part-bytes (default 40 MB, about 219 MB in 6 parts), config.json + tokenizer files, and manifest.json
 (sha256 and size of every part, of every small file and of the whole weights file).
 
 Then carry the pieces over several device calls, one part per call, naming each file (not the folder: carrying a
@@ -19,6 +19,11 @@ checks every part's and the whole file's sha256 against the manifest and writes 
 tokenizer files, model.safetensors; then model.path=.dev/mpnet). Missing or corrupt pieces: exit status 2 and a
 list of them, .dev/mpnet untouched. The machine keeps .dev/ between calls while it stays warm; a fresh machine
 needs the parts carried again.
+
+Any other model folder that no longer fits one call beside the working tree (MiniLM's 45 MB since the tree passed
+~15 MB on disk) travels the same way, split as it is (no conversion):
+    python experiments/mpnet_to_device.py split --src .dev/minilm --parts .dev/minilm_parts --part-bytes 25000000
+    (device) python3 experiments/mpnet_to_device.py assemble --parts .dev/minilm_parts --out .dev/minilm
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ WEIGHTS = "model.safetensors"
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 DEFAULT_PARTS = Path(".dev/mpnet_parts")
 DEFAULT_OUT = Path(".dev/mpnet")
-DEFAULT_PART_BYTES = 50_000_000  # + the ~7 MB working tree stays under the 64 MiB carry limit
+DEFAULT_PART_BYTES = 40_000_000  # + the working tree (~15 MB on disk) stays under the 64 MiB carry limit
 
 
 class SplitError(RuntimeError):
@@ -175,7 +180,9 @@ def carry_plan(parts_dir: Path) -> list[list[str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["pack", "carry-plan", "status", "assemble"])
+    parser.add_argument("command", choices=["pack", "split", "carry-plan", "status", "assemble"])
+    parser.add_argument("--src", type=Path, default=None,
+                        help="split: a model folder already as it should arrive (e.g. .dev/minilm), split as it is")
     parser.add_argument("--parts", type=Path, default=DEFAULT_PARTS, help="folder of the parts (%(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="assembled model folder (%(default)s)")
     parser.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES)
@@ -185,6 +192,15 @@ def main(argv=None) -> int:
             manifest = pack(args.parts, args.part_bytes)
             print(f"{manifest['file']['name']}: {manifest['file']['size'] / 1e6:.1f} MB in {len(manifest['parts'])} "
                   f"parts + {len(manifest['extra'])} small files under {args.parts}")
+            for i, files in enumerate(carry_plan(args.parts), 1):
+                print(f"call {i}: carry {json.dumps(files)}")
+        elif args.command == "split":
+            if args.src is None or not (args.src / WEIGHTS).is_file():
+                raise SplitError(f"split needs --src, a folder with {WEIGHTS} (got {args.src})")
+            extra = [args.src / name for name in SMALL_FILES if (args.src / name).is_file()]
+            manifest = split_file(args.src / WEIGHTS, args.parts, args.part_bytes, extra)
+            print(f"{args.src / WEIGHTS}: {manifest['file']['size'] / 1e6:.1f} MB in {len(manifest['parts'])} parts "
+                  f"+ {len(extra)} small files under {args.parts}")
             for i, files in enumerate(carry_plan(args.parts), 1):
                 print(f"call {i}: carry {json.dumps(files)}")
         elif args.command == "carry-plan":

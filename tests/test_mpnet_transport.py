@@ -108,3 +108,29 @@ def test_assemble_runs_standalone_with_the_standard_library(packed, tmp_path):
                           str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "assembled" in run.stdout
+
+
+def test_split_sends_an_existing_model_folder_as_it_is(tmp_path, capsys):
+    """`split --src` (e.g. .dev/minilm): the folder's own weights and small files, unconverted, arrive and join
+    into an identical folder; a folder without weights is a clear error."""
+    src = tmp_path / "minilm"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(os.urandom(700))
+    (src / "config.json").write_text('{"model_type": "bert"}')
+    (src / "tokenizer.json").write_text("{}")
+    parts = tmp_path / "parts"
+    assert mtd.main(["split", "--src", str(src), "--parts", str(parts), "--part-bytes", "300"]) == 0
+    assert "call 3: carry" in capsys.readouterr().out
+    device = tmp_path / "device"
+    device.mkdir()
+    for call in mtd.carry_plan(parts):
+        for f in call:
+            shutil.copyfile(f, device / Path(f).name)
+    out = tmp_path / "assembled"
+    assert mtd.main(["assemble", "--parts", str(device), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for f in src.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    (tmp_path / "empty").mkdir()
+    assert mtd.main(["split", "--src", str(tmp_path / "empty"), "--parts", str(tmp_path / "p2")]) == 2
+    assert "split needs --src, a folder with model.safetensors" in capsys.readouterr().err
