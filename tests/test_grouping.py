@@ -395,23 +395,25 @@ def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_group_eval_rows_sets_the_evaluation_forwards_not_the_metrics(tmp_path):
-    """group.eval_rows caps the rows of one grouped evaluation forward: a small cap means more, smaller forwards and
-    exactly the same predictions (rows are independent; each run's rows keep their order)."""
+def test_group_eval_rows_is_a_token_budget_per_evaluation_forward_and_never_changes_the_metrics(tmp_path):
+    """group.eval_rows sizes a grouped evaluation forward as that many rows' worth of tokens at the max length:
+    every forward stays within the budget (or holds one row per run), short rows share a forward, and the
+    predictions are those of one row per forward."""
     got = []
-    for cap in (6, 1024):
+    for cap in (1, 3, 1024):  # 1: one row per run per forward (budget 24 tokens < 3 runs' shortest rows)
         model, runs = build_group(MIXED[:3], tmp_path / str(cap))
         trainer = GroupTrainer(model, runs, 0, 24, "cpu", progress=False, eval_rows=cap)
         trainer._start()
-        forwards = []
+        shapes = []
         real = trainer.engine.forward
-        trainer.engine.forward = lambda *a, **k: forwards.append(k["input_ids"].shape[0]) or real(*a, **k)
-        metrics = trainer.evaluate_dev(runs)
-        got.append((metrics, forwards))
-    (small, small_forwards), (large, large_forwards) = got
-    assert small == large
-    assert max(small_forwards) <= 6 and len(small_forwards) == 5  # 2 rows per run per forward, 9 dev rows each
-    assert len(large_forwards) == 2  # then the runs' eval batch size (8) is the limit: 8 + 1 rows each
+        trainer.engine.forward = lambda *a, **k: shapes.append(tuple(k["input_ids"].shape)) or real(*a, **k)
+        got.append((trainer.evaluate_dev(runs), shapes))
+    (one, one_shapes), (small, small_shapes), (large, large_shapes) = got
+    assert one == small == large
+    assert one_shapes == [(3, w) for _, w in one_shapes] and len(one_shapes) == 9  # 9 dev rows per run
+    assert all(rows * width <= 3 * 24 or rows == 3 for rows, width in small_shapes)
+    assert 1 < len(small_shapes) < 9
+    assert [rows for rows, _ in large_shapes] == [24, 3]  # then the runs' eval batch size (8 per run) is the limit
 
 
 def test_bucketed_optimizer_step_is_each_runs_own_adamw_step(tmp_path):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.optim.adam import adam as adam_functional
 from tqdm.auto import tqdm
@@ -34,9 +35,9 @@ from .transfer import to_device
 from .noise import NoiseBatch, RunNoise
 
 log = logging.getLogger("unipelt.group")
-EVAL_ROWS = 1024  # default most rows of one grouped evaluation forward (all runs together; group.eval_rows): 4096 ran
-# out of memory with
-# several group processes on one H100 (experiments/results/grouped_minilm/README.md)
+EVAL_ROWS = 1024  # group.eval_rows default: a grouped evaluation forward holds at most this many rows' worth of tokens
+# at the full max length (eval_chunks); 4096 rows ran out of memory with several group processes on one H100
+# (experiments/results/grouped_minilm/README.md)
 
 
 @dataclass
@@ -168,10 +169,11 @@ class GroupTrainer:
 
     # --- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], sizes: list[int], batch_size: int,
-                num_labels: int, gate_stats: bool = False):
+    def predict(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], sizes: list[int], num_labels: int,
+                gate_stats: bool = False):
         """Predictions of each run on its own split (rows `offsets[i]` .. + `sizes[i]` of `bank`), in the split's
-        order; runs go through the encoder together, batch_size rows each, sorted by length like a run alone.
+        order; runs go through the encoder together, the same number of rows each (`eval_chunks`), sorted by length
+        like a run alone.
         Logits stay on the device until the end (one copy to the host, no sync per batch), and the parameters'
         stacks are built once for the whole pass (GroupEngine.frozen_parameters)."""
         self.model.eval()
@@ -180,8 +182,8 @@ class GroupTrainer:
         names = [r.name for r in runs]
         pieces = []  # (logits on the device, chunks, width)
         with self.engine.frozen_parameters():
-            for start in range(0, max(sizes), batch_size):
-                chunks = [order[start:start + batch_size] for order in orders]
+            for start, stop in self.eval_chunks(runs, bank, offsets, orders):
+                chunks = [order[start:stop] for order in orders]
                 width = max(len(c) for c in chunks)
                 rows, valid = [], []
                 for o, chunk, order in zip(offsets, chunks, orders):
@@ -223,15 +225,32 @@ class GroupTrainer:
     def _gate_kinds(self, run: GroupRun) -> set:
         return {k for m in self.model.tasks[run.name].methods.values() for k in m.gates()}
 
-    def eval_rows(self, runs: list[GroupRun]) -> int:
-        """Rows per run in one evaluation forward: the runs' eval batch size, shrunk so that a whole group's
-        forward stays within `eval_rows` rows (group.eval_rows; evaluation batch sizes do not change results)."""
-        return max(1, min(runs[0].settings.eval_batch_size, self.eval_rows_cap // len(runs)))
+    def eval_chunks(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], orders: list[list[int]]) -> list:
+        """(start, stop) positions in the runs' length-sorted orders, one pair per evaluation forward. A forward holds
+        as many rows per run as fit a token budget of `eval_rows` rows at the full max length (group.eval_rows:
+        the memory of the old fixed cap, whatever the lengths) and at most the runs' eval batch size: short rows
+        (most of SST-2 and CoLA) go many more to a forward, so far fewer forwards, each bigger. Rows are independent,
+        so results do not depend on the chunking."""
+        R, n = len(orders), max(len(o) for o in orders)
+        lengths = np.zeros((R, n), dtype=np.int64)
+        for r, (o, order) in enumerate(zip(offsets, orders)):
+            lengths[r, :len(order)] = [bank.lengths[o + i] for i in order]
+        widest = lengths.max(0)  # per sorted position, over the runs
+        budget = self.eval_rows_cap * self.engine.max_length
+        cap = max(1, runs[0].settings.eval_batch_size)
+        out, start = [], 0
+        while start < n:
+            width = np.maximum.accumulate(widest[start:start + cap])  # the forward's width with 1, 2, ... rows per run
+            fits = R * np.arange(1, len(width) + 1) * width <= budget
+            rows = max(1, int(fits.sum()) if fits.all() else int(np.argmin(fits)))
+            out.append((start, start + rows))
+            start += rows
+        return out
 
     def evaluate_dev(self, runs: list[GroupRun]) -> list[dict]:
         index = {r.name: i for i, r in enumerate(self.runs)}
         offsets = [self.dev_bank.offsets[index[r.name]] for r in runs]
-        preds, _ = self.predict(runs, self.dev_bank, offsets, [len(r.dev) for r in runs], self.eval_rows(runs),
+        preds, _ = self.predict(runs, self.dev_bank, offsets, [len(r.dev) for r in runs],
                                 runs[0].spec.num_labels)
         return [compute_metrics(r.spec, p, r.dev.labels.numpy()) for r, p in zip(runs, preds)]
 
@@ -239,7 +258,7 @@ class GroupTrainer:
                         gate_stats: bool = False):
         """Every run of `runs` on the same split (the GLUE test set): metrics and mean gates per run."""
         bank = RowBank([data], self.pad_id, self.device)
-        preds, gates = self.predict(runs, bank, [0] * len(runs), [len(data)] * len(runs), self.eval_rows(runs),
+        preds, gates = self.predict(runs, bank, [0] * len(runs), [len(data)] * len(runs),
                                     runs[0].spec.num_labels, gate_stats)
         metrics = [compute_metrics(r.spec, p, data.labels.numpy(), split=split) for r, p in zip(runs, preds)]
         return metrics, gates
