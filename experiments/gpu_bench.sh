@@ -12,5 +12,10 @@ bench --models bert-base --dtypes bf16 --batches 32 --cuda-graph --tag cuda-grap
   --methods peft_lora,peft_prefix,finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl
 bench --models bert-base --dtypes bf16 --batches 32 --cuda-graph --graph-peft --tag cuda-graph-peft-too \
   --methods peft_lora,peft_prefix,lora,prefix,unipelt_apl --out "$out/graph_peft.json"
+# real lengths (issue 12): batches of RTE and SST-2 dev (dynamic padding), eager against graphs per 16-token bucket
+bench --models bert-base --dtypes bf16 --batches 32 --length 128,rte,sst2 --data .dev/glue --tokenizer .dev/minilm \
+  --tag eager --methods peft_lora,lora,unipelt_apl --out "$out/real_eager.json"
+bench --models bert-base --dtypes bf16 --batches 32 --length 128,rte,sst2 --data .dev/glue --tokenizer .dev/minilm \
+  --cuda-graph --graph-bucket 16 --tag graph-bucket16 --methods lora,unipelt_apl --out "$out/real_graph.json"
 timeout ${GRID_S:-200} python3 -m unipelt.bench --fused-adam --models bert-base,minilm --dtypes fp32,bf16 --batches 32 \
   --cuda-graph --steps 20 --tag cuda-graph --out "$out/graph_grid.json" 2>&1 | grep -E "failed|Error" | tail -5

@@ -2,6 +2,7 @@
 one process, against HF peft's LoRA and prefix-tuning when peft is installed.
 
     unipelt-bench --models bert-base,minilm --dtypes fp32,bf16 --batches 16,32 --length 128 --steps 30
+    unipelt-bench --length 128,rte,sst2 --cuda-graph --graph-bucket 16 ...   (real lengths: see task_batches)
 
 Prints a Markdown table (median step time, ratio to peft LoRA, MFU) and writes JSON rows with --out.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .training.cuda_graph import GraphedTrainStep, capturable_adamw
+from .training.cuda_graph import GraphedTrainStep, bucket_width, capturable_adamw
 
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
                    "unipelt_apl"]
@@ -61,6 +62,49 @@ def make_batches(vocab: int, batch: int, length: int, n: int, device, seed: int 
         out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                     "labels": torch.randint(0, 2, (batch,), generator=g).to(device)})
     return out
+
+
+def task_batches(task: str, tokenizer, batch: int, n: int, device, data_dir=None, max_length: int = 128,
+                 pad_multiple: int | None = None, seed: int = 0) -> list[dict]:
+    """`n` batches of `batch` examples drawn (shuffled by `seed`) from a GLUE task's dev set, each padded to its own
+    longest row (dynamic padding, as training pads), or up to the next multiple of `pad_multiple` (length buckets,
+    one CUDA graph per width). Real lengths: a step at length 128 overstates the work of short-sentence tasks."""
+    from .data import get_task
+    from .data.glue import load_split
+
+    spec = get_task(task)
+    rows = load_split(spec, "dev", data_dir).shuffle(seed=seed)
+    if len(rows) < batch * n:
+        raise ValueError(f"{task} dev has {len(rows)} examples, fewer than {n} batches of {batch}")
+    out = []
+    for i in range(n):
+        part = rows.select(range(i * batch, (i + 1) * batch))
+        enc = tokenizer(*[list(part[f]) for f in spec.text_fields], truncation=True, max_length=max_length)
+        longest = max(len(x) for x in enc["input_ids"])
+        width = bucket_width(longest, pad_multiple, max_length) if pad_multiple else longest
+        pad = tokenizer.pad_token_id
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, x in enumerate(enc["input_ids"]):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        labels = torch.tensor([int(v) if spec.num_labels > 1 else 0 for v in part["label"]])
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    return out
+
+
+def bench_batches(spec: str, cfg, model_name: str, batch: int, device, data_dir, pad_multiple,
+                  tokenizer_name: str | None = None) -> list[dict]:
+    """The batches of one `--length` entry: a number (random tokens, full length) or a GLUE task name."""
+    if spec.isdigit():
+        return make_batches(cfg.vocab_size, batch, int(spec), 4, device)
+    from .data.glue import default_data_dir
+    from .encoders import load_tokenizer
+
+    data_dir = data_dir or default_data_dir()
+    # bert-base has random weights and BERT's uncased vocabulary, which MiniLM's tokenizer has too
+    tokenizer = load_tokenizer(tokenizer_name or ("minilm" if model_name == "bert-base" else model_name))
+    return task_batches(spec, tokenizer, batch, 8, device, data_dir, pad_multiple=pad_multiple)
 
 
 def build_unipelt(base, method: str, device, compile_mode: str | None, frozen_dtype):
@@ -128,7 +172,8 @@ def time_calls(fn, batches, steps: int, warmup: int, device) -> list[float]:
     return times
 
 
-def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool, cuda_graph: bool = False):
+def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool, cuda_graph: bool = False,
+              max_shapes: int = 1):
     gc.collect()  # the previous row's model must be gone before its memory is counted against this one
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -138,7 +183,8 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
     if cuda_graph:  # forward + backward + AdamW captured once, replayed per step (see training/cuda_graph.py)
         optimizer = capturable_adamw(params, 1e-4, device=device)
-        train_step = GraphedTrainStep(step_fn, optimizer, device, torch.bfloat16 if dtype == "bf16" else None)
+        train_step = GraphedTrainStep(step_fn, optimizer, device, torch.bfloat16 if dtype == "bf16" else None,
+                                      max_shapes=max_shapes)
     else:
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam if device.type == "cuda" else None)
 
@@ -184,8 +230,10 @@ def run(args) -> list[dict]:
         torch.manual_seed(0)
         base = AutoModel.from_config(cfg)
         for dtype in args.dtypes.split(","):
-            for batch in [int(b) for b in args.batches.split(",")]:
-                batches = make_batches(cfg.vocab_size, batch, args.length, 4, device)
+            for batch, length in [(int(b), n) for b in args.batches.split(",") for n in str(args.length).split(",")]:
+                batches = bench_batches(length, cfg, model_name, batch, device, args.data, args.graph_bucket,
+                                        args.tokenizer)
+                widths = [b["input_ids"].shape[1] for b in batches]
                 for method in methods:
                     if method.startswith("peft_"):
                         build = lambda m=method: build_peft(cfg, m, device)  # noqa: E731
@@ -194,29 +242,40 @@ def run(args) -> list[dict]:
                         build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
                     try:
                         row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam,
-                                        args.cuda_graph and (args.graph_peft or not method.startswith("peft_")))
+                                        args.cuda_graph and (args.graph_peft or not method.startswith("peft_")),
+                                        max_shapes=len(set(widths)) + 1)
                     except Exception as err:  # one broken row must not lose the others
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
-                    flops = flops_per_step(cfg, batch, args.length, method == "finetune")
-                    row.update(variant=args.tag or "eager", model=model_name, dtype=dtype, batch=batch, length=args.length, device=gpu,
+                    flops = statistics.mean(flops_per_step(cfg, batch, w, method == "finetune") for w in widths)
+                    row.update(variant=args.tag or "eager", model=model_name, dtype=dtype, batch=batch,
+                               length=int(length) if length.isdigit() else length, mean_width=statistics.mean(widths),
+                               widths=sorted(set(widths)), device=gpu,
                                tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,
                                percent=100 * row["trainable"] / sum(p.numel() for p in base.parameters()))
                     rows.append(row)
-                    print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {method:12s} train {row['train_step_ms']:8.2f} ms  "
+                    print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {length:>5s} {method:12s} train {row['train_step_ms']:8.2f} ms  "
                           f"infer {row['infer_ms']:7.2f} ms  mem {row['peak_mem_mb']:8.0f} MiB", flush=True)
     return rows
 
 
 def render(rows: list[dict], reference: str = "peft_lora") -> str:
-    lines = ["| model | dtype | batch | method | variant | trainable | train step ms | x peft LoRA | MFU (bf16 peak) | infer ms | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    refs = {(r["model"], r["dtype"], r["batch"]): r for r in rows if r["method"] == reference}
+    lines = ["| model | dtype | batch | length | method | variant | trainable | train step ms | x peft LoRA | MFU (bf16 peak) "
+             "| infer ms | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def key(r):
+        return r["model"], r["dtype"], r["batch"], r.get("length")
+
+    refs = {key(r): r for r in rows if r["method"] == reference}
     for r in rows:
-        ref = refs.get((r["model"], r["dtype"], r["batch"]))
+        ref = refs.get(key(r))
         ratio = f"{r['train_step_ms'] / ref['train_step_ms']:.2f}" if ref else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['method']} | {r.get('variant', 'eager')} | {r['trainable']:,} | "
+        length = r.get("length", "-")
+        if isinstance(length, str):
+            length = f"{length} (mean {r['mean_width']:.0f})"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {length} | {r['method']} | {r.get('variant', 'eager')} | {r['trainable']:,} | "
                      f"{r['train_step_ms']:.2f} | {ratio} | {mfu} | {r['infer_ms']:.2f} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -227,7 +286,14 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     p.add_argument("--batches", default="16,32")
-    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--length", default="128",
+                   help="comma list of sequence lengths (random tokens, full length) and/or GLUE task names (batches "
+                        "of that task's dev set, dynamic padding: real lengths), e.g. 128,rte,sst2")
+    p.add_argument("--data", default=None, help="GLUE folder for task lengths (default: the project's data folder)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer for task lengths (default: the model's; MiniLM's for bert-base), e.g. .dev/minilm")
+    p.add_argument("--graph-bucket", type=int, default=None,
+                   help="pad task batches up to the next multiple of this many tokens (one CUDA graph per width)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
@@ -241,7 +307,18 @@ def parse_args(argv=None):
     p.add_argument("--graph-peft", action="store_true", help="with --cuda-graph: capture the peft rows' steps too")
     p.add_argument("--fused-adam", action="store_true", help="fused AdamW on CUDA (unipelt and peft alike)")
     p.add_argument("--out", default=None, help="write rows as JSON here (and the table next to it as .md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.graph_bucket is not None and args.graph_bucket < 1:
+        p.error(f"--graph-bucket must be a positive number of tokens, got {args.graph_bucket}")
+    for length in str(args.length).split(","):
+        if not length.isdigit():
+            from .data import get_task
+
+            try:
+                get_task(length)
+            except (KeyError, ValueError) as err:
+                p.error(f"--length {length!r} is neither a number of tokens nor a GLUE task ({err})")
+    return args
 
 
 def main(argv=None) -> int:
