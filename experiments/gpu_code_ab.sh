@@ -3,7 +3,7 @@
 # and dev-eval ms per epoch, GPU busy, kernels per epoch) with the package of an earlier commit and with the working
 # tree's, back to back on the same card. Here, first:
 #   mkdir -p .sweep/old && git archive OLD_COMMIT unipelt conf | tar -x -C .sweep/old
-# then on the device (carry .whl .dev/minilm .dev/glue .sweep/old):
+# then on the device (carry .whl .dev/glue .sweep/old; MiniLM in two parts first, as experiments/prepare_device.sh says):
 #   RUNS=8,32 K=100 bash experiments/gpu_code_ab.sh
 set -u
 out=${OUT:-ab_out}; mkdir -p "$out"

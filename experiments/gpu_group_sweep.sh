@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MiniLM low-resource sweep on the lent GPU (device tool), grouped (unipelt/grouping): resumable chunks.
-# Carry .whl (datasets/hydra wheels), .dev (MiniLM bf16 + the 5 local GLUE tasks; experiments/prepare_device.sh)
+# Carry .whl (datasets/hydra wheels), .dev/glue (the 5 local GLUE tasks) and MiniLM (bf16, in two parts: the calls
+# experiments/prepare_device.sh lists)
 # and .sweep (the records so far, restored from the previous chunk's $OUT/runs.tgz). Settings as the committed
 # sweep (eval batch 256, a checkpoint at most every 120 s) plus bf16 autocast (PRECISION=no: fp32, as the per-run
 # low_resource_minilm records). RUNS, KS, METHODS, WPD pick the slice.

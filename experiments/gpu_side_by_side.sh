@@ -4,7 +4,7 @@
 # per-run trainer as before grouping: group.enabled=false), each from an empty runs folder and each on one H100.
 # With two GPUs visible (CONCURRENT=1, the default there) the two modes run at the same time, grouped on GPU 0 and
 # packed on GPU 1 (one host: 32 cores for 7 + 16 processes); with one GPU, one after the other.
-# Carry .whl .dev. Prints one JSON line per mode (rows of sweep_throughput.json) into $OUT/rows.jsonl.
+# Carry .whl .dev/glue and MiniLM in two parts (experiments/prepare_device.sh). Prints one JSON line per mode (rows of sweep_throughput.json) into $OUT/rows.jsonl.
 #   K=100 WINDOW=200 bash experiments/gpu_side_by_side.sh
 set -u
 out=${OUT:-side_out}; mkdir -p "$out"

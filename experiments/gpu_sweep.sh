@@ -4,7 +4,8 @@
 # Phase 1 (P1 seconds, 0 = skip) runs one experiment at a time (the "before" throughput); phase 2 packs WORKERS
 # processes on the GPU until BUDGET seconds after this script started, leaving MARGIN seconds for the runs in
 # flight to finish (a run still going at the hard stop is killed with the pool and redone by the next chunk).
-# Carry .whl (datasets/hydra wheels), .dev/minilm (MiniLM as bf16 safetensors), .dev/glue (the 5 local tasks).
+# Carry .whl (datasets/hydra wheels), .dev/glue (the 5 local tasks) and MiniLM as bf16 safetensors in two parts
+# (assembled into .dev/minilm; the calls experiments/prepare_device.sh lists).
 # Speed settings that do not change results: eval batch 256, a checkpoint at most every 120 s.
 set -u
 out=${OUT:-sweep_out}; mkdir -p "$out"
