@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .training.cuda_graph import GraphedTrainStep, bucket_width, capturable_adamw
+from .training.cuda_graph import GraphedTrainStep, capturable_adamw
 
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
                    "unipelt_apl"]
@@ -71,25 +71,19 @@ def task_batches(task: str, tokenizer, batch: int, n: int, device, data_dir=None
     one CUDA graph per width). Real lengths: a step at length 128 overstates the work of short-sentence tasks."""
     from .data import get_task
     from .data.glue import load_split
+    from .training.batching import batches, encode
 
     spec = get_task(task)
     rows = load_split(spec, "dev", data_dir).shuffle(seed=seed)
     if len(rows) < batch * n:
         raise ValueError(f"{task} dev has {len(rows)} examples, fewer than {n} batches of {batch}")
+    data = encode(rows.select(range(batch * n)), spec, tokenizer, max_length)
     out = []
-    for i in range(n):
-        part = rows.select(range(i * batch, (i + 1) * batch))
-        enc = tokenizer(*[list(part[f]) for f in spec.text_fields], truncation=True, max_length=max_length)
-        longest = max(len(x) for x in enc["input_ids"])
-        width = bucket_width(longest, pad_multiple, max_length) if pad_multiple else longest
-        pad = tokenizer.pad_token_id
-        ids = torch.full((batch, width), pad, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for r, x in enumerate(enc["input_ids"]):
-            ids[r, :len(x)] = torch.tensor(x)
-            mask[r, :len(x)] = 1
-        labels = torch.tensor([int(v) if spec.num_labels > 1 else 0 for v in part["label"]])
-        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    for b in batches(data, list(range(batch * n)), batch, tokenizer.pad_token_id,
+                     pad_to=max_length if pad_multiple else None, pad_multiple=pad_multiple):
+        labels = b["labels"] if spec.num_labels > 1 else torch.zeros(batch, dtype=torch.long)  # the bench's 2-way head
+        out.append({"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device),
+                    "labels": labels.to(device)})
     return out
 
 
