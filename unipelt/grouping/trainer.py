@@ -138,6 +138,7 @@ class GroupTrainer:
             cast_frozen_linears(model.encoder, torch.bfloat16)
         self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
         self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
+        self._eval_plans: dict[tuple, tuple] = {}  # see _eval_plan
         self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
 
     # --- helpers ------------------------------------------------------------------------------------------------
@@ -177,12 +178,12 @@ class GroupTrainer:
         Logits stay on the device until the end (one copy to the host, no sync per batch), and the parameters'
         stacks are built once for the whole pass (GroupEngine.frozen_parameters)."""
         self.model.eval()
-        orders = [sorted(range(n), key=lambda i, o=o: bank.lengths[o + i]) for o, n in zip(offsets, sizes)]
+        orders, spans = self._eval_plan(runs, bank, offsets, sizes)
         sums: list[dict] = [{} for _ in runs]
         names = [r.name for r in runs]
         pieces = []  # (logits on the device, chunks, width)
         with self.engine.frozen_parameters():
-            for start, stop in self.eval_chunks(runs, bank, offsets, orders):
+            for start, stop in spans:
                 chunks = [order[start:stop] for order in orders]
                 width = max(len(c) for c in chunks)
                 rows, valid = [], []
@@ -224,6 +225,18 @@ class GroupTrainer:
 
     def _gate_kinds(self, run: GroupRun) -> set:
         return {k for m in self.model.tasks[run.name].methods.values() for k in m.gates()}
+
+    def _eval_plan(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], sizes: list[int]) -> tuple:
+        """Each run's rows sorted by length and the (start, stop) spans of its forwards. The dev splits never change
+        and every epoch evaluates them, so their plan is made once per set of runs."""
+        key = tuple(r.name for r in runs) if bank is self.dev_bank else None
+        if key in self._eval_plans:
+            return self._eval_plans[key]
+        orders = [sorted(range(n), key=lambda i, o=o: bank.lengths[o + i]) for o, n in zip(offsets, sizes)]
+        plan = (orders, self.eval_chunks(runs, bank, offsets, orders))
+        if key is not None:
+            self._eval_plans[key] = plan
+        return plan
 
     def eval_chunks(self, runs: list[GroupRun], bank: RowBank, offsets: list[int], orders: list[list[int]]) -> list:
         """(start, stop) positions in the runs' length-sorted orders, one pair per evaluation forward. A forward holds
