@@ -20,7 +20,7 @@ smi=$!
 t0=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiments/sweep.py --runs-dir "$dir" \
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
-  --max-runs "${MAXRUNS:-12}" --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
+  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi

@@ -11,7 +11,7 @@ stops new work from starting (for time-limited jobs); work in flight finishes an
 
     python experiments/sweep.py --runs-dir runs/low_resource --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 \
         --seeds 111,222,333,444,555 --methods finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate \
-        [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] \
+        [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] [--queue Q] \
         [--deadline SECONDS] [--set model.path=... ...]
 """
 from __future__ import annotations
@@ -100,8 +100,9 @@ def visible_devices(spec: str) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int) -> list[dict]:
-    """Jobs (largest first): each a compatible group of runs, or one run that must train alone."""
+def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None) -> list[dict]:
+    """Jobs (largest first): each a compatible group of up to `queued` runs (default max_runs) trained `max_runs`
+    at a time, or one run that must train alone."""
     from unipelt.grouping.runner import partition, solo_reason
     from unipelt.plan import plan
 
@@ -116,8 +117,11 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int) -> list[
         base, groupable = planned[key]
         p = with_data_seed(base, overrides)
         (grouped if groupable else solo).append(p)
-    jobs = [{"runs": [g.overrides for g in group], "cost": sum(_cost(g) for g in group) / len(group) ** 0.5,
-             "solo": False} for group in partition(grouped, max_runs)]
+    total = max(max_runs, queued or max_runs)
+    # a group's step costs about sqrt(runs at once) of one run's; its steps are the sum of its runs' over its slots
+    jobs = [{"runs": [g.overrides for g in group], "slots": max_runs,
+             "cost": sum(_cost(g) for g in group) / min(len(group), max_runs) ** 0.5, "solo": False}
+            for group in partition(grouped, total)]
     jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p), "solo": True} for p in solo]
     return sorted(jobs, key=lambda j: -j["cost"])
 
@@ -190,7 +194,8 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worke
         t0, began = time.perf_counter(), time.time()
         try:
             cfgs = [composer(o) for o in job["runs"]]
-            outcomes = execute_many(cfgs, overrides=job["runs"], device=device, max_runs=len(cfgs), progress=False)
+            outcomes = execute_many(cfgs, overrides=job["runs"], device=device, max_runs=job.get("slots", len(cfgs)),
+                                    queue=len(cfgs), progress=False)
             statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
         except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
             statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
@@ -213,9 +218,10 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
         w.start()
     composer = Composer(extra)
     max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
-    jobs = plan_jobs(todo, composer, max_runs)
+    jobs = plan_jobs(todo, composer, max_runs, args.queue)
     sizes = [len(j["runs"]) for j in jobs]
-    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}) on "
+    at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
+    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
           f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
     if n_solo and any(j["solo"] for j in jobs):
         print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
@@ -338,7 +344,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("grouped", "packed"), default="grouped")
     p.add_argument("--devices", default="auto", help="auto (every visible GPU, else cpu) or a list: cuda:0,cuda:1")
     p.add_argument("--workers-per-device", type=int, default=2, help="grouped: processes per device")
-    p.add_argument("--max-runs", type=int, default=None, help="grouped: runs per group (default: from memory)")
+    p.add_argument("--max-runs", type=int, default=None, help="grouped: runs trained at once per group (default: "
+                   "from memory)")
+    p.add_argument("--queue", type=int, default=None, help="grouped: runs per group in all (default: --max-runs); "
+                   "runs beyond --max-runs take the slots of runs that stop")
     p.add_argument("--solo-workers-per-device", type=int, default=None,
                    help="grouped: extra processes per device for runs that train alone (default 4 on GPU, 0 on CPU)")
     p.add_argument("--workers", type=int, default=1, help="packed: worker processes")

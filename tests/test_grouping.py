@@ -123,6 +123,84 @@ def test_a_group_of_mixed_runs_trains_each_run_exactly_as_alone(tmp_path):
     assert not torch.allclose(torch.tensor(no_dropout[run.name]), torch.tensor(losses[run.name]), atol=1e-4)
 
 
+def test_a_queued_group_keeps_its_slots_full_and_trains_each_run_exactly_as_alone(tmp_path):
+    """7 mixed runs, 3 slots, runs of 1 to 4 epochs, one diverging: waiting runs take the slots of runs that stop
+    (done or failed) at epoch boundaries, so runs at different epochs share a forward and carry their AdamW moments
+    across re-formed groups; each run's per-step losses, dev metrics and weights are those of training it alone."""
+    specs = MIXED[:7]
+    epochs = [1, 4, 2, 3, 1, 2, 3]
+    model, runs = build_group(specs, tmp_path / "queued")
+    for run, n in zip(runs, epochs):
+        run.settings.epochs = n
+    runs[4].settings.inject_nan_at_step = 2  # fails in its first epoch: its slot goes to the next waiting run
+    trainer = GroupTrainer(model, runs, 0, 24, "cpu", progress=False, slots=3)
+    trainer.step_losses = {}
+    rounds = []
+    real_round = trainer._round
+    trainer._round = lambda live: rounds.append([(r.name, r.state["epoch"] + 1) for r in live]) or real_round(live)
+    reported = []
+    trainer.fit(on_finished=lambda done: reported.extend(r.name for r in done))
+    assert max(len(r) for r in rounds) == 3 and len(rounds) < sum(epochs)  # slots full, never more than 3
+    assert any(len({e for _, e in r}) > 1 for r in rounds)  # a newcomer at epoch 1 beside runs at later epochs
+    assert sorted(reported) == sorted(r.name for r in runs)  # every run reported once
+    assert runs[4].status == "failed" and [r.status for i, r in enumerate(runs) if i != 4] == ["done"] * 6
+    params = {r.name: {k: p.detach().clone() for k, p in model.trainable_named_parameters(r.name).items()}
+              for r in runs}
+    for i, (spec, n) in enumerate(zip(specs, epochs)):
+        if i == 4:
+            continue
+        alone_model, (alone,) = build_group([spec], tmp_path / "alone", epochs=n)
+        alone_losses, alone_params = train(alone_model, [alone])
+        assert runs[i].result.epochs_run == n
+        assert torch.allclose(torch.tensor(trainer.step_losses[alone.name]), torch.tensor(alone_losses[alone.name]),
+                              atol=1e-5), alone.name
+        assert runs[i].result.dev_metrics == pytest.approx(alone.result.dev_metrics, abs=1e-5)
+        for key, value in alone_params[alone.name].items():
+            assert torch.allclose(params[alone.name][key], value, atol=1e-5), (alone.name, key)
+
+
+def test_the_runner_admits_queued_runs_as_slots_free_and_their_records_match_an_unqueued_group(tmp_path):
+    """group.max_runs=2 with group.queue=4: one group of 4 runs, two at a time; each run's task joins the model
+    when it takes a slot and leaves once its record is written; the records (test scores, epochs) equal those of
+    the same 4 runs trained all at once, and say they shared each forward with 2 runs."""
+    from unipelt.grouping import runner
+
+    def cfgs(runs_dir, *extra):
+        return [config(*TINY, f"method={m}", "train.epochs=2", f"data.seed={seed}", f"output.runs_dir={runs_dir}",
+                       "output.save_modules=false", *extra)
+                for m, seed in (("lora", 111), ("unipelt_apl", 222), ("adapter", 333), ("bitfit", 444))]
+
+    attached = []
+    real_run_group = runner.run_group
+
+    def spy(plans, device, progress=False, slots=None):
+        from unipelt.model import PeltModel
+
+        real_add = PeltModel.add_task
+        def add(self, name, *a, **k):
+            attached.append((name, sorted(self.tasks)))
+            return real_add(self, name, *a, **k)
+        PeltModel.add_task = add
+        try:
+            return real_run_group(plans, device, progress, slots)
+        finally:
+            PeltModel.add_task = real_add
+
+    runner.run_group = spy
+    try:
+        queued = runner.execute_many(cfgs(tmp_path / "queued", "group.max_runs=2", "group.queue=4"))
+    finally:
+        runner.run_group = real_run_group
+    together = runner.execute_many(cfgs(tmp_path / "together", "group.max_runs=4"))
+    assert [o.status for o in queued] == [o.status for o in together] == ["complete"] * 4
+    # run0 and run1 train first; both end after 2 epochs and leave the model; then run2 and run3 take their slots
+    assert attached == [("run0", []), ("run1", ["run0"]), ("run2", []), ("run3", ["run2"])]
+    for q, t in zip(queued, together):
+        assert (q.record["group_size"], t.record["group_size"]) == (2, 4)
+        assert q.record["test_score"] == pytest.approx(t.record["test_score"], abs=1e-5)
+        assert q.record["epochs_run"] == t.record["epochs_run"] == 2
+
+
 def test_alone_in_the_engine_matches_the_per_run_trainer_when_there_is_no_randomness(tmp_path):
     """Without dropout (no random streams to differ), a group of one and the per-run Trainer compute the same
     training: same AdamW, schedule, early stopping, per-epoch losses and dev scores."""
@@ -334,6 +412,8 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
             assert (derived.data_seed, derived.run_id, derived.run_dir) == (full.data_seed, full.run_id, full.run_dir)
             assert derived.run_id != first.run_id
     assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
+    queued = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=2, queued=4) if not j["solo"]]
+    assert [(len(j["runs"]), j["slots"]) for j in queued] == [(4, 2)] * 4  # 4 runs per group, 2 at a time
     # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
     assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
     pending = list(jobs)
@@ -386,7 +466,8 @@ def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
 
     for overrides, message in ((["group.max_runs=0"], "group.max_runs must be a positive integer or null, got 0"),
                                (["group.enabled=maybe"], "group.enabled must be true or false, got 'maybe'"),
-                               (["group.eval_rows=0"], "group.eval_rows must be a positive integer or null, got 0")):
+                               (["group.eval_rows=0"], "group.eval_rows must be a positive integer or null, got 0"),
+                               (["group.queue=-2"], "group.queue must be a positive integer or null, got -2")):
         cfg = config("method=lora", *overrides, f"output.runs_dir={tmp_path / 'runs'}")
         with pytest.raises(ConfigError, match=message):
             plan(cfg)

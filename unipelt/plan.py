@@ -225,6 +225,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     group = cfg.get("group") or {}
     _check_bool("group.enabled", group.get("enabled", True))
     _check_optional_positive("group.max_runs", group.get("max_runs"))
+    _check_optional_positive("group.queue", group.get("queue"))
     _check_optional_positive("group.eval_rows", group.get("eval_rows"))
     tag = cfg.output.get("tag")
     if tag is not None and not NAME_RE.fullmatch(str(tag)):

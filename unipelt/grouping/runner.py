@@ -107,9 +107,12 @@ def estimate_run_bytes(p: RunPlan, model_cfg=None) -> int:
 
 
 def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = None, device: str | None = None,
-                 max_runs: int | None = None, progress: bool | None = None) -> list[Outcome]:
+                 max_runs: int | None = None, progress: bool | None = None, queue: int | None = None
+                 ) -> list[Outcome]:
     """Run every config; groupable runs in groups, the rest alone. Never raises for one run's problem: each
-    config gets an Outcome (bad settings: 'error' with the message, nothing touched)."""
+    config gets an Outcome (bad settings: 'error' with the message, nothing touched). A group trains `max_runs`
+    runs at once (group.max_runs; automatic from memory) out of up to `queue` (group.queue; default max_runs): the
+    others wait and take the slots of runs that stop."""
     from ..run import USER_ERRORS, _message, _skip_complete, execute_single
 
     outcomes: list[Outcome | None] = [None] * len(cfgs)
@@ -135,12 +138,14 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
     if grouped:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plans = [p for _, p in grouped]
-        limit = max_runs or _config_max_runs(cfgs[grouped[0][0]]) or auto_max_runs(plans, dev, model_cfg)
+        first_cfg = cfgs[grouped[0][0]]
+        limit = max_runs or _group_setting(first_cfg, "max_runs") or auto_max_runs(plans, dev, model_cfg)
+        total = max(limit, queue or _group_setting(first_cfg, "queue") or limit)
         index = {id(p): i for i, p in grouped}
-        for members in partition(plans, limit):
+        for members in partition(plans, total):
             show = progress if progress is not None else bool(cfgs[index[id(members[0])]].output.progress)
             try:
-                results = run_group(members, dev, show)
+                results = run_group(members, dev, show, slots=limit)
             except USER_ERRORS as err:  # e.g. the encoder cannot be loaded: every member says so, no record
                 results = [Outcome(p.run_id, "error", message=_message(err), error=err) for p in members]
             for p, outcome in zip(members, results):
@@ -148,8 +153,8 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
     return outcomes
 
 
-def _config_max_runs(cfg) -> int | None:
-    return (cfg.get("group") or {}).get("max_runs")  # validated by plan()
+def _group_setting(cfg, name: str) -> int | None:
+    return (cfg.get("group") or {}).get(name)  # validated by plan()
 
 
 def _run_alone(cfg, p: RunPlan, execute_single) -> Outcome:
@@ -168,8 +173,10 @@ def _task_name(i: int) -> str:
     return f"run{i}"
 
 
-def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False) -> list[Outcome]:
-    """Train one compatible group; every run gets a record (complete or failed) or an Outcome saying why not."""
+def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False,
+              slots: int | None = None) -> list[Outcome]:
+    """Train one compatible group, `slots` runs at once (None: all); every run gets a record (complete or failed)
+    or an Outcome saying why not. A run's task joins the model when it takes a slot and leaves once it is done."""
     from ..data import build_task_data
     from ..encoders import load_encoder, load_tokenizer
     from ..io import save_task
@@ -216,24 +223,32 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
         except OSError as err:
             raise ConfigError(f"model {first.model_name!r}: {err}") from None
         model.to(device)
+        size = len(members) if slots is None else min(slots, len(members))  # runs that share a forward
         runs, records, tests = [], {}, None
         for i, p in enumerate(members):
             data = datasets[p.run_id]
-            name = _task_name(i)
-            torch.manual_seed(p.settings.seed)  # a run's initial modules depend on its seed alone, not its group
-            model.add_task(name, p.pelt, p.spec.num_labels, activate=False)
-            p.run_dir.mkdir(parents=True, exist_ok=True)
-            records[name] = start_record(None, p, data, model, name, str(device), group_size=len(members))
             if tests is None:  # the test sets (GLUE dev) are the same for every run of the task
                 tests = {split: encode(ds, p.spec, tokenizer, p.max_length) for split, ds in data.test.items()}
-            runs.append(GroupRun(name, p.spec, p.settings, encode(data.train, p.spec, tokenizer, p.max_length),
+            runs.append(GroupRun(_task_name(i), p.spec, p.settings,
+                                 encode(data.train, p.spec, tokenizer, p.max_length),
                                  encode(data.dev, p.spec, tokenizer, p.max_length), p.run_dir, p.config))
         plan_of = {_task_name(i): p for i, p in enumerate(members)}
-        eval_rows = ((first.config or {}).get("group") or {}).get("eval_rows") or EVAL_ROWS
+
+        def admit(run: GroupRun) -> None:
+            p = plan_of[run.name]
+            torch.manual_seed(p.settings.seed)  # a run's initial modules depend on its seed alone, not its group
+            model.add_task(run.name, p.pelt, p.spec.num_labels, activate=False)
+            p.run_dir.mkdir(parents=True, exist_ok=True)
+            records[run.name] = start_record(None, p, datasets[p.run_id], model, run.name, str(device),
+                                             group_size=size)
+
+        eval_rows = _group_setting(first.config or {}, "eval_rows") or EVAL_ROWS
         trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
-                               first.settings.mixed_precision, progress=progress, eval_rows=eval_rows)
+                               first.settings.mixed_precision, progress=progress, eval_rows=eval_rows, slots=size,
+                               admit=admit, release=lambda run: model.remove_task(run.name))
         if len(runs) > 1:
-            print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}) on {device}", flush=True)
+            queued = f", {size} at a time" if size < len(runs) else ""
+            print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}{queued}) on {device}", flush=True)
 
         def finished(done: list[GroupRun]) -> None:
             ok = [r for r in done if r.status == "done"]
@@ -277,7 +292,10 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
             tb = traceback.format_exc(limit=20)
             for r in runs:
                 p = plan_of[r.name]
-                if outcomes[p.run_id] is None:
+                if outcomes[p.run_id] is None and r.name not in records:  # still waiting for a slot: untouched
+                    outcomes[p.run_id] = Outcome(p.run_id, "failed", None, f"{p.run_id}: not started (its group "
+                                                 f"stopped: {type(err).__name__}: {err}); re-running trains it")
+                elif outcomes[p.run_id] is None:
                     failure = {"error": f"{type(err).__name__}: {err}", "type": type(err).__name__,
                                "step": r.state.get("step"), "epoch": r.state.get("epoch"), "traceback": tb}
                     _write_failed(p.run_dir / RECORD_FILE, records[r.name], r, failure)

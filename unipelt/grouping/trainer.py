@@ -6,6 +6,13 @@ stopping, best state, checkpoints (the same files as a run trained alone) and lo
 round; a run that stops (early stopping, epochs, max_steps) or diverges leaves the group and the others go on.
 Resumed runs rejoin at their own epoch, so the runs of one group need not be at the same epoch.
 
+A group may be given more runs than it trains at once (`slots`): the others wait in order, and when runs stop, the
+next ones take their slots at the epoch boundary (the group is re-formed: the live runs' parameters and AdamW moments
+carry over exactly, as through a checkpoint). A group then keeps its slots full instead of stepping a shrinking
+remnant of runs (a step costs about the same for 2 runs as for 12) and ends when its work ends, not when its
+slowest run ends. Which run takes a slot, and when, depends only on the runs' own training (their early stopping),
+never on timing, so a group trains the same way on any device or worker.
+
 Rows are independent through the frozen encoder and each run's loss depends only on its own parameters, so the
 sum of the runs' losses gives every run exactly the gradient it would get alone.
 """
@@ -123,23 +130,44 @@ def run_relative(name: str) -> str:
 class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
-                 eval_rows: int = EVAL_ROWS) -> None:
+                 eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None) -> None:
+        """`slots`: runs trained at once (None: all); the rest wait and take the slots of runs that stop.
+        `admit(run)` is called before a run starts (the runner adds its task to the model there; without it every
+        run must already be a task of the model); `release(run)` once a stopped run has left the group (its
+        on_finished call is done) and its task is no longer needed."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
+        if slots is not None and (not isinstance(slots, int) or slots < 1):
+            raise ValueError(f"slots must be a positive integer or None, got {slots!r}")
         self.model = model
-        self.runs = runs
+        self.all_runs = list(runs)
+        self.slots = len(runs) if slots is None else min(slots, len(runs))
+        self.waiting = list(runs[self.slots:])
+        self.runs = list(runs[:self.slots])
+        self.admit, self.release = admit, release
         self.pad_id = pad_id
+        self.max_length = max_length
         self.device = torch.device(device)
         self.mixed_precision = mixed_precision
         self.progress = progress
         self.eval_rows_cap = eval_rows
-        self.engine = GroupEngine(model, [r.name for r in runs], max_length)
+        self._reported: set[str] = set()  # runs already passed to on_finished
+        self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
+        for run in self.runs:
+            if admit is not None:
+                admit(run)
+        self._form()
         if cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
             cast_frozen_linears(model.encoder, torch.bfloat16)
-        self.train_bank = RowBank([r.train for r in runs], pad_id, self.device)
-        self.dev_bank = RowBank([r.dev for r in runs], pad_id, self.device)
+
+    def _form(self) -> None:
+        """The engine and row banks of the current members (`self.runs`, in slot order)."""
+        for i, run in enumerate(self.runs):
+            run.index = i
+        self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length)
+        self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device)
+        self.dev_bank = RowBank([r.dev for r in self.runs], self.pad_id, self.device)
         self._eval_plans: dict[tuple, tuple] = {}  # see _eval_plan
-        self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -280,60 +308,95 @@ class GroupTrainer:
     def fit(self, on_finished=None) -> None:
         """Train until every run has stopped. `on_finished(runs)` is called after each round with the runs that
         stopped in it (best state loaded, `run.result` set), so their test evaluation and records can be written
-        while the others train on. Diverged runs get status 'failed' and `run.failure` (a TrainingDiverged)."""
+        while the others train on. Diverged runs get status 'failed' and `run.failure` (a TrainingDiverged).
+        Waiting runs take the free slots after each round (`_refill`)."""
         self._start()
-        live = [r for r in self.runs if r.status == "live"]
-        finished_now = [r for r in live if self._done(r)]
-        for r in finished_now:
-            self._finish(r)
-        if finished_now and on_finished:
-            on_finished(finished_now)
-        bar = tqdm(total=len(self.runs), desc=f"group of {len(self.runs)}", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(self.all_runs), desc=f"group of {len(self.all_runs)}", disable=not self.progress,
+                   leave=False)
+        self._settle(self.runs, on_finished, bar)
         while True:
             live = [r for r in self.runs if r.status == "live"]
+            if self.waiting and len(live) < self.slots:
+                self._refill(on_finished, bar)
+                continue
             if not live:
                 break
             self._round(live)
-            finished = [r for r in live if r.status == "live" and self._done(r)]
-            for r in finished:
-                self._finish(r)
-            done = [r for r in live if r.status != "live"]
-            bar.update(len(done))
-            if done and on_finished:
-                on_finished(done)
+            self._settle(live, on_finished, bar)
         bar.close()
 
-    def _start(self) -> None:
-        for i, run in enumerate(self.runs):
-            s = run.settings
-            n = len(run.train)
-            steps_per_epoch = math.ceil(n / s.batch_size)
-            run.optimizer, run.scheduler = self._optimizer(run, steps_per_epoch)
+    def _settle(self, runs: list[GroupRun], on_finished, bar) -> None:
+        """Finish the runs of `runs` that are done, and report every stopped run (done or failed) once."""
+        for run in runs:
+            if run.status == "live" and self._done(run):
+                self._finish(run)
+        stopped = [r for r in runs if r.status != "live" and r.name not in self._reported]
+        self._reported.update(r.name for r in stopped)
+        bar.update(len(stopped))
+        if stopped and on_finished:
+            on_finished(stopped)
+
+    def _refill(self, on_finished, bar) -> None:
+        """Re-form the group: the stopped runs leave, the next waiting runs take their slots. The live runs' AdamW
+        moments go to their optimizers (as for a checkpoint) and come back into the new group's stacks, and their
+        parameters keep their values, so they train on exactly as before."""
+        live = [r for r in self.runs if r.status == "live"]
+        new = self.waiting[:self.slots - len(live)]
+        del self.waiting[:len(new)]
+        for run in live:
+            self.stacked_adam.export_to(run.index)
             run.adam_cache = None
-            run.checkpoints = Checkpointer(run.run_dir / "checkpoint", run.config)
-            run.noise = RunNoise(s.seed, self.device)
-            run.index = i
-            progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
-                        "train_time": 0.0, "eval_time": 0.0, "dev_metrics": {}}
-            start_epoch = 1
-            if not run.checkpoints.exists():
-                (run.run_dir / "log.csv").unlink(missing_ok=True)
-            else:
-                state = run.checkpoints.load()
-                self._load_trainable(run, state["trainable"])
-                load_optimizer_state(run.optimizer, run.scheduler, state["optimizer_state"], state["scheduler"])
-                run.best_state = state["best"]
-                progress = {k: state.get(k, progress[k]) for k in progress}
-                start_epoch = state["epoch"] + 1
-                log.info("resuming %s from epoch %d (step %d)", run.run_dir.name, state["epoch"], progress["step"])
-                write_log(run.run_dir, progress["history"])
-            progress["resumed_from_epoch"] = start_epoch - 1
-            progress["epoch"] = start_epoch - 1
-            run.state = progress
-            run.tracker = RunTracker(s.log_with, run.run_dir, run.run_dir.name, run.config)
-            run.last_checkpoint = time.perf_counter()
-            run.best_unsaved = False
+        self.engine.close()
+        for run in self.runs:
+            if run.status != "live":
+                run.best_state = run.optimizer = run.scheduler = run.adam_cache = None
+                if self.release is not None:
+                    self.release(run)
+        for run in new:
+            if self.admit is not None:
+                self.admit(run)
+        self.runs = live + new
+        self._form()
+        for run in new:
+            self._start_run(run)
         self.stacked_adam = StackedAdamW(self.engine.stacks, [r.optimizer for r in self.runs])
+        log.info("group re-formed: %d runs on, %d joined, %d waiting", len(live), len(new), len(self.waiting))
+        self._settle(new, on_finished, bar)  # a waiting run whose checkpoint is already its last epoch
+
+    def _start(self) -> None:
+        for run in self.runs:
+            self._start_run(run)
+        self.stacked_adam = StackedAdamW(self.engine.stacks, [r.optimizer for r in self.runs])
+
+    def _start_run(self, run: GroupRun) -> None:
+        """A run's optimizer, schedule, noise stream and progress: fresh, or from its checkpoint."""
+        s = run.settings
+        n = len(run.train)
+        steps_per_epoch = math.ceil(n / s.batch_size)
+        run.optimizer, run.scheduler = self._optimizer(run, steps_per_epoch)
+        run.adam_cache = None
+        run.checkpoints = Checkpointer(run.run_dir / "checkpoint", run.config)
+        run.noise = RunNoise(s.seed, self.device)
+        progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [],
+                    "train_time": 0.0, "eval_time": 0.0, "dev_metrics": {}}
+        start_epoch = 1
+        if not run.checkpoints.exists():
+            (run.run_dir / "log.csv").unlink(missing_ok=True)
+        else:
+            state = run.checkpoints.load()
+            self._load_trainable(run, state["trainable"])
+            load_optimizer_state(run.optimizer, run.scheduler, state["optimizer_state"], state["scheduler"])
+            run.best_state = state["best"]
+            progress = {k: state.get(k, progress[k]) for k in progress}
+            start_epoch = state["epoch"] + 1
+            log.info("resuming %s from epoch %d (step %d)", run.run_dir.name, state["epoch"], progress["step"])
+            write_log(run.run_dir, progress["history"])
+        progress["resumed_from_epoch"] = start_epoch - 1
+        progress["epoch"] = start_epoch - 1
+        run.state = progress
+        run.tracker = RunTracker(s.log_with, run.run_dir, run.run_dir.name, run.config)
+        run.last_checkpoint = time.perf_counter()
+        run.best_unsaved = False
 
     def _done(self, run: GroupRun) -> bool:
         s, p = run.settings, run.state
@@ -525,7 +588,7 @@ class GroupTrainer:
         run.tracker.close()
 
     def close(self) -> None:
-        for run in self.runs:
+        for run in self.all_runs:
             tracker = getattr(run, "tracker", None)
             if tracker is not None:
                 tracker.close()
