@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .training.cuda_graph import GraphedTrainStep, capturable_adamw
+from .training.cuda_graph import GraphedForward, GraphedTrainStep, capturable_adamw
 
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
                    "unipelt_apl"]
@@ -191,11 +191,16 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
 
     train = time_calls(train_step, batches, steps, warmup, device)
     model.eval()
-
-    @torch.no_grad()
-    def infer(batch):
-        with amp:
-            infer_fn(batch)
+    if cuda_graph:  # the deployment path (unipelt.inference): prefix folded, one graph per batch shape
+        methods = model.active.methods if hasattr(model, "active") else {}
+        if "prefix" in methods and not methods["prefix"].folded:
+            model.fold_prefix()
+        infer = GraphedForward(infer_fn, device, torch.bfloat16 if dtype == "bf16" else None, max_shapes=max_shapes)
+    else:
+        @torch.no_grad()
+        def infer(batch):
+            with amp:
+                infer_fn(batch)
 
     inference = time_calls(infer, batches, steps, warmup, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")

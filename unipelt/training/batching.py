@@ -83,11 +83,18 @@ def batches(data: Encoded, order: list[int], batch_size: int, pad_id: int, bucke
         yield collate(data, chunk, pad_id, width)
 
 
-def eval_batches(data: Encoded, batch_size: int, pad_id: int):
-    """Evaluation batches sorted by length (less padding); `index` says where each row goes back."""
+def eval_batches(data: Encoded, batch_size: int, pad_id: int, pad_multiple: int | None = None,
+                 max_width: int | None = None):
+    """Evaluation batches sorted by length (less padding); `index` says where each row goes back. `pad_multiple`:
+    pad each batch up to the next multiple of it, at most `max_width` (length buckets: a few shapes, one CUDA graph
+    each)."""
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = collate(data, chunk, pad_id)
+        width = None
+        if pad_multiple is not None:
+            cap = max_width or len(data.input_ids[order[-1]])  # default: the longest row of the split
+            width = bucket_width(len(data.input_ids[chunk[-1]]), pad_multiple, cap)
+        batch = collate(data, chunk, pad_id, width)
         batch["index"] = torch.tensor(chunk)
         yield batch

@@ -145,3 +145,64 @@ class GraphedTrainStep:
         shape.graph.replay()
         self.replays += 1
         return shape.loss
+
+
+class GraphedForward:
+    """Callable `forward(batch) -> output` for evaluation and inference (no autograd): one CUDA graph per batch
+    shape, for the first `max_shapes` shapes seen (with length buckets: one per bucket width, plus a short last
+    batch); other shapes run eagerly. The returned tensor is a static buffer that the next call of the same shape
+    overwrites: copy it (to the host, or `.clone()`) before. Parameters are read where they live, so a graph
+    captured during training evaluates the current weights (optimizer steps update them in place).
+
+    The first `warmup` calls of a shape run eagerly on a side stream, the next one is captured. On a CPU the same
+    static-buffer code runs without capture (its arithmetic is what the CPU tests compare).
+    """
+
+    def __init__(self, fn: Callable[[dict], torch.Tensor], device, autocast_dtype: torch.dtype | None = None,
+                 warmup: int = 1, max_shapes: int = 8) -> None:
+        self.fn = fn
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.warmup = warmup
+        self.max_shapes = max_shapes
+        self.capture = self.device.type == "cuda"
+        self.shapes: dict[tuple, _Shape] = {}
+        self.replays = 0
+        self.eager_calls = 0
+
+    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.eager_calls += 1
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                             enabled=self.autocast_dtype is not None, cache_enabled=False):
+            return self.fn(batch)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = _shape_key(batch)
+        shape = self.shapes.get(key)
+        if shape is None:
+            if len(self.shapes) >= self.max_shapes:
+                return self._eager(batch)
+            shape = self.shapes[key] = _Shape()
+        if shape.batch is None:
+            shape.batch = {k: v.clone() for k, v in batch.items()}
+        else:
+            for k, v in batch.items():
+                shape.batch[k].copy_(v, non_blocking=True)
+        shape.seen += 1
+        if not self.capture:
+            return self._eager(shape.batch)
+        if shape.seen <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._eager(shape.batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        if shape.graph is None:
+            shape.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(shape.graph):
+                shape.loss = self._eager(shape.batch)  # the static output
+            self.eager_calls -= 1  # the capture did not run it
+        shape.graph.replay()
+        self.replays += 1
+        return shape.loss

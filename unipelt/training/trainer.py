@@ -16,9 +16,9 @@ from ..data import TaskSpec
 from ..io import atomic_write_text
 from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
-from .batching import Encoded, batches, epoch_order, eval_batches
+from .batching import Encoded, batches, epoch_order
 from .checkpoint import Checkpointer, load_optimizer_state
-from .cuda_graph import GraphedTrainStep, capturable_adamw
+from .cuda_graph import GraphedForward, GraphedTrainStep, capturable_adamw
 from .tracking import RunTracker, check_log_with
 
 log = logging.getLogger("unipelt.train")
@@ -189,26 +189,46 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, data: Encoded, gate_stats: bool = False):
-        """Predictions in the original order (and mean gate value per layer per submodule if asked)."""
+        """Predictions in the original order (and mean gate value per layer per submodule if asked). Under
+        train.cuda_graph the forwards (not the gate statistics) replay one graph per bucket width."""
+        from ..inference import DEFAULT_BUCKET, logits_in_order
+
         model = self.raw
         model.eval()
         device = self.accelerator.device
-        outputs = torch.empty(len(data), model.active.head.num_labels)
         sums: dict[str, torch.Tensor] = {}
-        for batch in eval_batches(data, self.settings.eval_batch_size, self.pad_id):
-            index = batch.pop("index")
-            batch.pop("labels")
-            batch = {k: v.to(device) for k, v in batch.items()}
+        graphed = None if gate_stats else self._graphed_eval(data)
+
+        def forward(batch):
+            if graphed is not None:
+                return graphed(batch)
             with self.accelerator.autocast():
                 logits = model(**batch).logits
-            outputs[index] = logits.float().cpu()
             if gate_stats:
                 for name, per_layer in model.gate_values().items():
-                    total = torch.stack([g.float().sum() for g in per_layer]).cpu()
-                    sums[name] = sums.get(name, 0) + total
+                    sums[name] = sums.get(name, 0) + torch.stack([g.float().sum() for g in per_layer])
+            return logits
+
+        bucket = (self.settings.graph_bucket or DEFAULT_BUCKET) if graphed is not None else None
+        outputs = logits_in_order(forward, data, self.settings.eval_batch_size, self.pad_id, device, bucket)
         preds = outputs.squeeze(-1).numpy() if self.spec.is_regression else outputs.argmax(-1).numpy()
-        gates = {name: (s / len(data)).tolist() for name, s in sums.items()}
+        gates = {name: (s.cpu() / len(data)).tolist() for name, s in sums.items()}
         return preds, gates
+
+    def _graphed_eval(self, data: Encoded) -> GraphedForward | None:
+        """One GraphedForward per split and fit under train.cuda_graph (its graphs read the live weights)."""
+        from ..inference import DEFAULT_BUCKET, graph_shapes
+
+        s = self.settings
+        if not s.cuda_graph or self.accelerator.num_processes > 1:
+            return None
+        graphs = self.__dict__.setdefault("_eval_graphs", {})
+        if id(data) not in graphs:
+            model = self.raw
+            dtype = torch.bfloat16 if s.mixed_precision == "bf16" else None
+            graphs[id(data)] = (data, GraphedForward(lambda b: model(**b).logits, self.accelerator.device, dtype,
+                                                     max_shapes=graph_shapes(data, s.graph_bucket or DEFAULT_BUCKET)))
+        return graphs[id(data)][1]
 
     def evaluate(self, data: Encoded, split: str | None = None, gate_stats: bool = False):
         preds, gates = self.predict(data, gate_stats)
