@@ -102,8 +102,9 @@ def test_the_trainer_evaluates_through_graphs_under_cuda_graph_with_the_plain_pr
 @pytest.mark.parametrize("method", ["lora", "unipelt_apl", "finetune"])
 def test_captured_inference_graphs_give_the_eager_logits_on_cuda(method):
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = model_with(method).cuda()
+    model = model_with(method)
     randomize_(model.tasks)
+    model.cuda()
     data = _data(n=40)
     want = logits_in_order(lambda b: model(**b).logits.detach(), data, 8, 0, "cuda", pad_multiple=None)
     forward = GraphedForward(lambda b: model(**b).logits, "cuda", max_shapes=graph_shapes(data, 8))
