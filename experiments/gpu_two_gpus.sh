@@ -7,6 +7,7 @@
 #   GPUS=1 K=100 MAXRUNS=12 WPD=4 bash experiments/gpu_two_gpus.sh
 #   GPUS=2 K=100 MAXRUNS=12 WPD=4 bash experiments/gpu_two_gpus.sh
 #   python experiments/compare_records.py A_DIR B_DIR      (here, on the two tgz's: same metrics?)
+# Also used for one-GPU rows: QUEUE=Q (queued groups, sweep.py --queue), MPS=1 (processes under NVIDIA MPS).
 set -u
 out=${OUT:-two_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -17,6 +18,12 @@ dir=.sweep/two/gpus$GPUS; rm -rf "$dir"; mkdir -p "$dir"
 nvidia-smi -i "$visible" --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 \
   > "$out/util_gpus$GPUS.txt" &
 smi=$!
+# MPS=1: run the sweep's processes under NVIDIA MPS, so that kernels of the group and solo processes run side by side
+# on the GPU instead of time-slicing it (each grouped kernel of a small encoder fills only part of the GPU)
+if [ "${MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+  mkdir -p /tmp/mps_pipe /tmp/mps_log && nvidia-cuda-mps-control -d && echo "MPS daemon started"
+fi
 t0=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiments/sweep.py --runs-dir "$dir" \
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
@@ -24,6 +31,7 @@ CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiment
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi
+[ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control
 grep -v "Loading weights" "$out/sweep_gpus$GPUS.txt" | tail -n 4
 python3 experiments/throughput_row.py "$dir" "$t0" "$t1" --k "$K" --mode grouped --gpus "$GPUS" --device "$dev" \
   --util "$out/util_gpus$GPUS.txt" | tee "$out/row_gpus$GPUS.json"
