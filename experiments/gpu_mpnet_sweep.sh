@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,n
 smi=$!
 timeout -s KILL $((left - 15)) python3 experiments/sweep.py --runs-dir .sweep/low_resource_mpnet/runs --mode grouped \
   --ks "${KS:-100}" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --workers-per-device "${WPD:-2}" \
-  ${MAXRUNS:+--max-runs "$MAXRUNS"} ${QUEUE:+--queue "$QUEUE"} \
+  ${MAXRUNS:+--max-runs "$MAXRUNS"} ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} \
   --deadline $((left - ${DRAIN:-200})) --log "$out/log.jsonl" \
   --set model=mpnet --set model.path=.dev/mpnet --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=60 > "$out/sweep.txt" 2>&1

@@ -7,7 +7,8 @@
 #   GPUS=1 K=100 MAXRUNS=12 WPD=4 bash experiments/gpu_two_gpus.sh
 #   GPUS=2 K=100 MAXRUNS=12 WPD=4 bash experiments/gpu_two_gpus.sh
 #   python experiments/compare_records.py A_DIR B_DIR      (here, on the two tgz's: same metrics?)
-# Also used for one-GPU rows: QUEUE=Q (queued groups, sweep.py --queue), MPS=1 (processes under NVIDIA MPS).
+# Also used for one-GPU rows: QUEUE=Q (queued groups, sweep.py --queue), MPS=1 (processes under NVIDIA MPS),
+# COSTS=experiments/results/low_resource_minilm/runs (earlier records rank the groups: longest first).
 set -u
 out=${OUT:-two_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -27,7 +28,7 @@ fi
 t0=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiments/sweep.py --runs-dir "$dir" \
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
-  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
+  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi

@@ -100,9 +100,12 @@ def visible_devices(spec: str) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None) -> list[dict]:
+def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None,
+              task_factors: dict | None = None) -> list[dict]:
     """Jobs (largest first): each a compatible group of up to `queued` runs (default max_runs) trained `max_runs`
-    at a time, or one run that must train alone."""
+    at a time, or one run that must train alone. `task_factors` ((task, K) -> relative cost, from earlier records:
+    `task_factors_from`) put the groups that ran longest before first, so they do not end the sweep alone."""
+    factors = task_factors or {}
     from unipelt.grouping.runner import partition, solo_reason
     from unipelt.plan import plan
 
@@ -120,9 +123,9 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: 
     total = max(max_runs, queued or max_runs)
     # a group's step costs about sqrt(runs at once) of one run's; its steps are the sum of its runs' over its slots
     jobs = [{"runs": [g.overrides for g in group], "slots": max_runs,
-             "cost": sum(_cost(g) for g in group) / min(len(group), max_runs) ** 0.5, "solo": False}
+             "cost": sum(_cost(g, factors) for g in group) / min(len(group), max_runs) ** 0.5, "solo": False}
             for group in partition(grouped, total)]
-    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p), "solo": True} for p in solo]
+    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p, factors), "solo": True} for p in solo]
     return sorted(jobs, key=lambda j: -j["cost"])
 
 
@@ -140,10 +143,36 @@ def with_data_seed(base, overrides: list[str]):
                                overrides=overrides)
 
 
-def _cost(p) -> float:
-    """Relative work of a run: steps ~ K (or the train size) times its epochs."""
+def _cost(p, factors: dict | None = None) -> float:
+    """Relative work of a run: steps ~ K (or the train size) times its epochs, times its task's factor at that K
+    (how much longer its runs took than the K's average, where earlier records say so)."""
     k = p.k if isinstance(p.k, int) else 10_000
-    return (k + p.dev_size / 3) * p.settings.epochs
+    return (k + p.dev_size / 3) * p.settings.epochs * (factors or {}).get((p.spec.name, str(p.k)), 1.0)
+
+
+def task_factors_from(runs_dirs: list[str]) -> dict:
+    """(task, K) -> mean train + eval seconds of its complete PEFT records over the mean of all tasks at that K.
+    Early stopping makes some tasks run several times longer than others (MiniLM at K=500: STS-B 35 epochs, MRPC
+    14); only the ratios within one K are used, so records from another device or sweep mode still rank them."""
+    import glob
+    import statistics
+    from collections import defaultdict
+
+    seconds = defaultdict(list)
+    for folder in runs_dirs:
+        for path in glob.glob(os.path.join(folder, "*", "record.json")):
+            try:
+                r = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
+            if r.get("status") != "complete" or r.get("method") == "finetune" or not r.get("time"):
+                continue
+            seconds[(r["task"], str(r["k"]))].append(r["time"].get("train_s", 0) + r["time"].get("eval_s", 0))
+    mean = {key: statistics.mean(v) for key, v in seconds.items()}
+    per_k = defaultdict(list)
+    for (task, k), value in mean.items():
+        per_k[k].append(value)
+    return {(task, k): value / statistics.mean(per_k[k]) for (task, k), value in mean.items() if value > 0}
 
 
 def slots(devices: list[str], workers_per_device: int) -> list[str]:
@@ -218,7 +247,11 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
         w.start()
     composer = Composer(extra)
     max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
-    jobs = plan_jobs(todo, composer, max_runs, args.queue)
+    factors = task_factors_from(args.costs_from) if args.costs_from else None
+    if factors:
+        print("task cost factors from earlier records: " + ", ".join(
+            f"{t} k={k} {v:.2f}" for (t, k), v in sorted(factors.items())), flush=True)
+    jobs = plan_jobs(todo, composer, max_runs, args.queue, factors)
     sizes = [len(j["runs"]) for j in jobs]
     at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
     print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
@@ -348,6 +381,8 @@ def main(argv=None) -> int:
                    "from memory)")
     p.add_argument("--queue", type=int, default=None, help="grouped: runs per group in all (default: --max-runs); "
                    "runs beyond --max-runs take the slots of runs that stop")
+    p.add_argument("--costs-from", action="append", default=[], metavar="RUNS_DIR",
+                   help="grouped: earlier records whose run times rank the tasks' groups (longest first; repeatable)")
     p.add_argument("--solo-workers-per-device", type=int, default=None,
                    help="grouped: extra processes per device for runs that train alone (default 4 on GPU, 0 on CPU)")
     p.add_argument("--workers", type=int, default=1, help="packed: worker processes")

@@ -414,6 +414,24 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
     queued = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=2, queued=4) if not j["solo"]]
     assert [(len(j["runs"]), j["slots"]) for j in queued] == [(4, 2)] * 4  # 4 runs per group, 2 at a time
+    # earlier records rank the tasks: STS-B runs took 3x RTE's at K=100 (and a fine-tuning record is ignored)
+    history = tmp_path / "history"
+    for i, (task, method, secs) in enumerate([("stsb", "lora", 30.0), ("stsb", "adapter", 30.0), ("rte", "lora", 10.0),
+                                               ("rte", "finetune", 500.0), ("rte", "bitfit", 0.0)]):
+        (history / str(i)).mkdir(parents=True)
+        status = "failed" if secs == 0 else "complete"
+        (history / str(i) / "record.json").write_text(json.dumps(
+            {"status": status, "task": task, "method": method, "k": 100, "time": {"train_s": secs / 3, "eval_s": 2 * secs / 3}}))
+    (history / "broken").mkdir()
+    (history / "broken" / "record.json").write_text("{not json")
+    factors = sweep.task_factors_from([str(history)])
+    assert factors == pytest.approx({("stsb", "100"): 1.5, ("rte", "100"): 0.5})
+    ranked = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=16, task_factors=factors) if not j["solo"]]
+    first = [dict(o.split("=", 1) for o in j["runs"][0]) for j in ranked]
+    # K=500 has no history (factor 1, grid order kept); at K=100 STS-B now goes before RTE
+    assert [(f["task"], f["data.k"]) for f in first] == [("rte", "500"), ("stsb", "500"), ("stsb", "100"), ("rte", "100")]
+    plain = [j["cost"] for j in jobs if not j["solo"] and "data.k=100" in j["runs"][0]]
+    assert plain[0] == plain[1]  # without history, the two K=100 groups cost the same
     # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
     assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
     pending = list(jobs)
