@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import model_with, randomize_
 
-from unipelt.inference import graph_shapes, logits_in_order, predict
+from unipelt import predict  # the package exports the deployment path
+from unipelt.inference import graph_shapes, logits_in_order
 from unipelt.training.batching import Encoded, eval_batches
 from unipelt.training.cuda_graph import GraphedForward
 

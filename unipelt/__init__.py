@@ -18,6 +18,7 @@ _EXPORTS = {
     "ModuleLoadError": "io", "load_task": "io", "save_task": "io",
     "METHODS": "methods", "MethodConfig": "methods", "PeltMethod": "methods", "register_method": "methods",
     "PeltModel": "model", "PeltOutput": "model",
+    "predict": "inference",
 }
 
 
