@@ -156,6 +156,7 @@ class Trainer:
         self.checkpoints = Checkpointer(run_dir / "checkpoint", config)
         self.config = config
         self.best_state: dict | None = None
+        self._eval_graphs: dict[int, tuple] = {}  # id(split) -> (split, GraphedForward): see _graphed_eval
         # Live training state (read by the runner to describe a failure): step, epoch, history, ...
         self.state: dict = {"step": 0, "epoch": 0, "history": [], "resumed_from_epoch": 0}
 
@@ -222,7 +223,7 @@ class Trainer:
         s = self.settings
         if not s.cuda_graph or self.accelerator.num_processes > 1:
             return None
-        graphs = self.__dict__.setdefault("_eval_graphs", {})
+        graphs = self._eval_graphs
         if id(data) not in graphs:
             model = self.raw
             dtype = torch.bfloat16 if s.mixed_precision == "bf16" else None
