@@ -43,16 +43,74 @@ def bucket_width(longest: int, multiple: int, cap: int) -> int:
 
 
 class _Shape:
-    """One batch shape's static input buffers, the static loss and its captured graph."""
+    """One batch shape's static input buffers, its static output (the loss, or the logits) and its captured graph."""
 
     def __init__(self) -> None:
         self.batch: dict[str, torch.Tensor] | None = None
-        self.loss: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
         self.graph = None
         self.seen = 0
 
 
-class GraphedTrainStep:
+class _ShapeGraphs:
+    """What a graphed training step and a graphed forward share: static input buffers per batch shape (the first
+    `max_shapes` shapes seen; others run eagerly), `warmup` eager calls of a shape on a side stream, then one
+    capture and replays. On a CPU the same static-buffer path runs without capture. Subclasses say what an eager
+    call does (`_eager`) and how a call is captured (`_capture`)."""
+
+    def __init__(self, device, autocast_dtype: torch.dtype | None, warmup: int, max_shapes: int) -> None:
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.warmup = warmup
+        self.max_shapes = max_shapes
+        self.capture = self.device.type == "cuda"
+        self.shapes: dict[tuple, _Shape] = {}  # in the order first seen
+        self.seen = 0  # calls on a graphed shape so far (all shapes)
+        self.replays = 0
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None, cache_enabled=False)
+
+    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+        """(graph, static output) of one call on the static `batch`."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = _shape_key(batch)
+        shape = self.shapes.get(key)
+        if shape is None:
+            if len(self.shapes) >= self.max_shapes:  # a shape without a graph: a plain call
+                return self._eager(batch)
+            shape = self.shapes[key] = _Shape()
+        if shape.batch is None:
+            shape.batch = {k: v.clone() for k, v in batch.items()}
+        else:
+            for k, v in batch.items():
+                shape.batch[k].copy_(v, non_blocking=True)
+        shape.seen += 1
+        self.seen += 1
+        if not self.capture:
+            # CPU: the same static-buffer call without capture (tests compare it with the plain one)
+            return self._eager(shape.batch)
+        if shape.seen <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._eager(shape.batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        if shape.graph is None:
+            shape.graph, shape.output = self._capture(shape.batch)
+        shape.graph.replay()
+        self.replays += 1
+        return shape.output
+
+
+class GraphedTrainStep(_ShapeGraphs):
     """Callable `step(batch) -> loss` doing zero-grad, forward, backward and `optimizer.step()`.
 
     `loss_fn(batch) -> scalar loss` is the model call (autocast is applied here, with the weight-cast cache
@@ -66,16 +124,9 @@ class GraphedTrainStep:
 
     def __init__(self, loss_fn: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer,
                  device, autocast_dtype: torch.dtype | None = None, warmup: int = 3, max_shapes: int = 1) -> None:
+        super().__init__(device, autocast_dtype, warmup, max_shapes)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype
-        self.warmup = warmup
-        self.max_shapes = max_shapes
-        self.capture = self.device.type == "cuda"
-        self.shapes: dict[tuple, _Shape] = {}  # in the order first seen
-        self.seen = 0  # steps on a graphed shape so far (all shapes)
-        self.replays = 0
         self.eager_steps = 0
 
     # the first shape's buffers (a single fixed shape: the common case, and what the tests look at)
@@ -89,15 +140,11 @@ class GraphedTrainStep:
 
     @property
     def static_loss(self) -> torch.Tensor | None:
-        return self.shapes[self.key].loss if self.shapes else None
+        return self.shapes[self.key].output if self.shapes else None
 
     @property
     def graph(self):
         return self.shapes[self.key].graph if self.shapes else None
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None, cache_enabled=False)
 
     def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -108,46 +155,19 @@ class GraphedTrainStep:
         self.eager_steps += 1
         return loss.detach()
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = _shape_key(batch)
-        shape = self.shapes.get(key)
-        if shape is None:
-            if len(self.shapes) >= self.max_shapes:  # a shape without a graph: plain step
-                return self._eager(batch)
-            shape = self.shapes[key] = _Shape()
-        if shape.batch is None:
-            shape.batch = {k: v.clone() for k, v in batch.items()}
-        else:
-            for k, v in batch.items():
-                shape.batch[k].copy_(v, non_blocking=True)
-        shape.seen += 1
-        self.seen += 1
-        if not self.capture:
-            # CPU: the same static-buffer step without capture (tests compare it with the plain loop)
-            return self._eager(shape.batch)
-        if shape.seen <= self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                loss = self._eager(shape.batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return loss
-        if shape.graph is None:
-            # grads are then allocated inside this graph's own pool (each shape's graph keeps its own buffers)
-            shape.graph = torch.cuda.CUDAGraph()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(shape.graph):
-                with self._autocast():
-                    loss = self.loss_fn(shape.batch)
-                loss.backward()
-                self.optimizer.step()
-                shape.loss = loss.detach()
-        shape.graph.replay()
-        self.replays += 1
-        return shape.loss
+    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+        # grads are then allocated inside this graph's own pool (each shape's graph keeps its own buffers)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            with self._autocast():
+                loss = self.loss_fn(batch)
+            loss.backward()
+            self.optimizer.step()
+        return graph, loss.detach()
 
 
-class GraphedForward:
+class GraphedForward(_ShapeGraphs):
     """Callable `forward(batch) -> output` for evaluation and inference (no autograd): one CUDA graph per batch
     shape, for the first `max_shapes` shapes seen (with length buckets: one per bucket width, plus a short last
     batch); other shapes run eagerly. The returned tensor is a static buffer that the next call of the same shape
@@ -160,49 +180,20 @@ class GraphedForward:
 
     def __init__(self, fn: Callable[[dict], torch.Tensor], device, autocast_dtype: torch.dtype | None = None,
                  warmup: int = 1, max_shapes: int = 8) -> None:
+        super().__init__(device, autocast_dtype, warmup, max_shapes)
         self.fn = fn
-        self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype
-        self.warmup = warmup
-        self.max_shapes = max_shapes
-        self.capture = self.device.type == "cuda"
-        self.shapes: dict[tuple, _Shape] = {}
-        self.replays = 0
         self.eager_calls = 0
+
+    def _run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return self.fn(batch)
 
     def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.eager_calls += 1
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                             enabled=self.autocast_dtype is not None, cache_enabled=False):
-            return self.fn(batch)
+        return self._run(batch)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = _shape_key(batch)
-        shape = self.shapes.get(key)
-        if shape is None:
-            if len(self.shapes) >= self.max_shapes:
-                return self._eager(batch)
-            shape = self.shapes[key] = _Shape()
-        if shape.batch is None:
-            shape.batch = {k: v.clone() for k, v in batch.items()}
-        else:
-            for k, v in batch.items():
-                shape.batch[k].copy_(v, non_blocking=True)
-        shape.seen += 1
-        if not self.capture:
-            return self._eager(shape.batch)
-        if shape.seen <= self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                out = self._eager(shape.batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return out
-        if shape.graph is None:
-            shape.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(shape.graph):
-                shape.loss = self._eager(shape.batch)  # the static output
-            self.eager_calls -= 1  # the capture did not run it
-        shape.graph.replay()
-        self.replays += 1
-        return shape.loss
+    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run(batch)
+        return graph, out
