@@ -482,8 +482,8 @@ class GroupTrainer:
 
     def step_optimizers(self, runs: list[GroupRun]) -> None:
         """Each run's AdamW step, then its schedule. The stacked parameters (most of them) are updated stack by stack
-        (StackedAdamW, each row with its run's hyper-parameters). The rest (e.g. prefix MLPs, used by each run's own
-        forward) of runs whose hyper-parameters agree at this step (same LR, weight decay, betas...) are stepped by
+        (StackedAdamW, each row with its run's hyper-parameters). The rest (e.g. folded prefixes, read by each run's
+        own forward) of runs whose hyper-parameters agree at this step (same LR, weight decay, betas...) are stepped by
         one call of torch's Adam functional over all their tensors: the arithmetic is per tensor (each with its own
         step count and moments), so every run gets exactly its own optimizer's update."""
         self.stacked_adam.step([r.index for r in runs])
