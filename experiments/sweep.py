@@ -11,7 +11,8 @@ stops new work from starting (for time-limited jobs); work in flight finishes an
 
     python experiments/sweep.py --runs-dir runs/low_resource --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 \
         --seeds 111,222,333,444,555 --methods finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate \
-        [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] [--queue Q] \
+        [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] \
+        [--queue Q] [--costs-from RUNS_DIR] \
         [--deadline SECONDS] [--set model.path=... ...]
 """
 from __future__ import annotations

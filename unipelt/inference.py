@@ -38,7 +38,7 @@ def logits_in_order(forward: Callable[[dict], torch.Tensor], data: Encoded, batc
 
 
 def graph_shapes(data: Encoded, pad_multiple: int) -> int:
-    """How many batch shapes bucketed evaluation of `data` can produce: one per bucket width, plus a short last batch."""
+    """How many batch shapes bucketed evaluation of `data` can produce: one per bucket width + a short last batch."""
     longest = max((len(ids) for ids in data.input_ids), default=1)
     return -(-longest // pad_multiple) + 1
 
