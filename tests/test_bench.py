@@ -52,3 +52,26 @@ def test_bad_lengths_and_buckets_are_clear_errors(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_graphed_bench_rows_time_inference_on_the_deployment_path_prefix_folded_with_the_eager_logits():
+    """Under --cuda-graph the inference timings go through GraphedForward with the prefix folded (on CPU the
+    static-buffer path): the model a row leaves behind is folded, and its graphed forward gives the eager logits."""
+    from unipelt import tiny_encoder
+
+    base = tiny_encoder("bert", seed=0, vocab=1100)  # make_batches draws token ids from 1000 up
+    built = {}
+
+    def build():
+        built["parts"] = bench.build_unipelt(base, "unipelt_apl", torch.device("cpu"), None, None)
+        return built["parts"]
+
+    batches = bench.make_batches(base.config.vocab_size, 4, 12, 3, torch.device("cpu"))
+    row = bench.bench_one("unipelt_apl", build, batches, "fp32", 2, 1, torch.device("cpu"), False, cuda_graph=True,
+                          max_shapes=2)
+    model, _, _, infer_fn = built["parts"]
+    assert row["infer_ms"] > 0 and model.active.methods["prefix"].folded
+    graphed = bench.GraphedForward(infer_fn, "cpu", None, max_shapes=2)
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(graphed(batch), infer_fn(batch), atol=1e-6, rtol=0)
