@@ -296,6 +296,22 @@ def test_runs_that_cannot_share_a_forward_are_split_never_merged():
     assert [len(g) for g in groups] == [3, 1, 1, 1, 1, 1, 1, 1]
     assert [p.method for p in groups[0]] == ["lora", "adapter", "lora"]
     assert len(partition(plans[:3], max_runs=2)) == 2  # the size limit splits too
+    # a set over the limit is split into near-equal groups, in order: 3 runs at 2 -> 2 + 1; 7 at 3 -> 3, 2, 2
+    assert [[p.run_id for p in g] for g in partition(plans[:3], max_runs=2)] == [
+        [plans[0].run_id, plans[1].run_id], [plans[2].run_id]]
+
+
+def test_split_evenly_makes_the_fewest_groups_with_sizes_at_most_one_apart():
+    from unipelt.grouping.runner import split_evenly
+
+    for n in range(1, 41):
+        for size in range(1, 16):
+            groups = split_evenly(list(range(n)), size)
+            sizes = [len(g) for g in groups]
+            assert len(groups) == -(-n // size) and max(sizes) <= size and max(sizes) - min(sizes) <= 1
+            assert [x for g in groups for x in g] == list(range(n))  # order kept, nothing lost or repeated
+    assert [len(g) for g in split_evenly(list(range(35)), 14)] == [12, 12, 11]  # greedy would give 14, 14, 7
+    assert [len(g) for g in split_evenly(list(range(11)), 10)] == [6, 5]  # not 10 + a group of one
 
 
 def test_runs_the_engine_does_not_cover_train_alone_and_say_why():
@@ -411,7 +427,8 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
             derived, full = sweep.with_data_seed(first, overrides), plan(composer(overrides))
             assert (derived.data_seed, derived.run_id, derived.run_dir) == (full.data_seed, full.run_id, full.run_dir)
             assert derived.run_id != first.run_id
-    assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 12 + [3] * 4
+    # 4 runs per (task, K) at most 3 a group: 2 + 2, not 3 + a group of one
+    assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 8 + [2] * 8
     queued = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=2, queued=4) if not j["solo"]]
     assert [(len(j["runs"]), j["slots"]) for j in queued] == [(4, 2)] * 4  # 4 runs per group, 2 at a time
     # earlier records rank the tasks: STS-B runs took 3x RTE's at K=100 (and a fine-tuning record is ignored)

@@ -67,20 +67,34 @@ def group_key(p: RunPlan) -> tuple:
 
 
 def partition(plans: list[RunPlan], max_runs: int) -> list[list[RunPlan]]:
-    """Compatible groups of at most `max_runs`, in first-seen order (greedy: a run joins the first open group
-    whose key matches and whose methods it can share a forward with)."""
-    groups: list[list[RunPlan]] = []
+    """Compatible groups of at most `max_runs`, in first-seen order: a run joins the first set whose key matches
+    and whose methods it can share a forward with; a set larger than `max_runs` is then split into groups whose
+    sizes differ by at most one (35 runs at 14 -> 12, 12, 11, not 14, 14, 7: a short last group would hold a
+    worker, a process and an encoder for a few runs while the others still train)."""
+    sets: list[list[RunPlan]] = []
     for p in plans:
-        for g in groups:
-            if len(g) < max_runs and group_key(g[0]) == group_key(p):
+        for s in sets:
+            if group_key(s[0]) == group_key(p):
                 try:
-                    check_compatible([q.pelt for q in g] + [p.pelt])
+                    check_compatible([q.pelt for q in s] + [p.pelt])
                 except NotGroupable:
                     continue
-                g.append(p)
+                s.append(p)
                 break
         else:
-            groups.append([p])
+            sets.append([p])
+    return [group for s in sets for group in split_evenly(s, max_runs)]
+
+
+def split_evenly(members: list, size: int) -> list[list]:
+    """`members`, in order, as the fewest groups of at most `size` whose sizes differ by at most one."""
+    n_groups = -(-len(members) // max(1, size))
+    base, larger = divmod(len(members), n_groups)
+    groups, start = [], 0
+    for i in range(n_groups):
+        end = start + base + (i < larger)
+        groups.append(members[start:end])
+        start = end
     return groups
 
 
