@@ -124,7 +124,7 @@ def build_unipelt(base, method: str, device, compile_mode: str | None, frozen_dt
     return model, params, step_fn, infer_fn
 
 
-def build_peft(base_cfg, method: str, device):
+def build_peft(base_cfg, method: str, device, compile_mode: str | None = None):
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -138,12 +138,15 @@ def build_peft(base_cfg, method: str, device):
                                  encoder_hidden_size=512)
     model = get_peft_model(hf, cfg).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if compile_mode:
+        torch._dynamo.reset()
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step_fn(batch):
-        return model(**batch).loss
+        return forward(**batch).loss
 
     def infer_fn(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     return model, params, step_fn, infer_fn
 
@@ -209,7 +212,9 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
             "peak_mem_mb": peak}
 
 
-def run(args) -> list[dict]:
+def run(args, on_row=None) -> list[dict]:
+    """Bench every (model, dtype, batch, length, method) row; `on_row(rows)` after each (main saves there, so a
+    bench cut short by a time limit keeps the rows it finished)."""
     from transformers import AutoModel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -235,24 +240,29 @@ def run(args) -> list[dict]:
                 widths = [b["input_ids"].shape[1] for b in batches]
                 for method in methods:
                     if method.startswith("peft_"):
-                        build = lambda m=method: build_peft(cfg, m, device)  # noqa: E731
+                        # --compile applies to the peft rows too when they are graphed (--graph-peft): the same way
+                        compile_peft = args.compile if args.graph_peft else None
+                        build = lambda m=method, c=compile_peft: build_peft(cfg, m, device, c)  # noqa: E731
                     else:
                         frozen = torch.bfloat16 if (dtype == "bf16" and args.frozen_bf16) else None
                         build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
+                    graphed = args.cuda_graph and (args.graph_peft or not method.startswith("peft_"))
                     try:
                         row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam,
-                                        args.cuda_graph and (args.graph_peft or not method.startswith("peft_")),
-                                        max_shapes=len(set(widths)) + 1)
+                                        graphed, max_shapes=len(set(widths)) + 1)
                     except Exception as err:  # one broken row must not lose the others
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
                     flops = statistics.mean(flops_per_step(cfg, batch, w, method == "finetune") for w in widths)
-                    row.update(variant=args.tag or "eager", model=model_name, dtype=dtype, batch=batch,
+                    row.update(variant=args.tag or "eager", graphed=graphed, compiled=bool(args.compile) and
+                               (args.graph_peft or not method.startswith("peft_")), model=model_name, dtype=dtype, batch=batch,
                                length=int(length) if length.isdigit() else length, mean_width=statistics.mean(widths),
                                widths=sorted(set(widths)), device=gpu,
                                tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,
                                percent=100 * row["trainable"] / sum(p.numel() for p in base.parameters()))
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(rows)
                     print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {length:>5s} {method:12s} train {row['train_step_ms']:8.2f} ms  "
                           f"infer {row['infer_ms']:7.2f} ms  mem {row['peak_mem_mb']:8.0f} MiB", flush=True)
     return rows
@@ -322,18 +332,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = run(args)
-    table = render(rows)
+    command = "unipelt-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = run(args, on_row=(lambda done: save(done, args.out, command)) if args.out else None)
     print()
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"command": "unipelt-bench " + " ".join(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
-                "device": rows[0]["device"] if rows else None}
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        out.with_suffix(".md").write_text(f"`{meta['command']}` on {meta['device']} (torch {meta['torch']})\n\n{table}\n")
+    print(render(rows))
     return 0
+
+
+def save(rows: list[dict], path: str, command: str) -> None:
+    """The rows as JSON and their table as Markdown next to it (rewritten after every row)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "torch": torch.__version__, "device": rows[0]["device"] if rows else None}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(f"`{meta['command']}` on {meta['device']} (torch {meta['torch']})\n\n"
+                                      f"{render(rows)}\n")
 
 
 if __name__ == "__main__":
