@@ -40,7 +40,8 @@ def _fastest(rows: list[dict], method: str, key: str, graphed: bool | None = Non
 
 
 def _mode(row: dict) -> str:
-    return "+".join([m for m, on in (("compiled", row.get("compiled")), ("graphed", row.get("graphed"))) if on]) or "eager"
+    modes = [name for name in ("compiled", "graphed") if row.get(name)]
+    return "+".join(modes) or "eager"
 
 
 def summarize(rows: list[dict]) -> dict:
