@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .inference import fold_for_inference
 from .training.cuda_graph import GraphedForward, GraphedTrainStep, capturable_adamw
 
 DEFAULT_METHODS = ["peft_lora", "peft_prefix", "finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap",
@@ -195,9 +196,8 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
     train = time_calls(train_step, batches, steps, warmup, device)
     model.eval()
     if cuda_graph:  # the deployment path (unipelt.inference): prefix folded, one graph per batch shape
-        methods = model.active.methods if hasattr(model, "active") else {}
-        if "prefix" in methods and not methods["prefix"].folded:
-            model.fold_prefix()
+        if hasattr(model, "active"):  # a unipelt model (peft models have no folding)
+            fold_for_inference(model)
         infer = GraphedForward(infer_fn, device, torch.bfloat16 if dtype == "bf16" else None, max_shapes=max_shapes)
     else:
         @torch.no_grad()
@@ -239,14 +239,15 @@ def run(args, on_row=None) -> list[dict]:
                                         args.tokenizer)
                 widths = [b["input_ids"].shape[1] for b in batches]
                 for method in methods:
+                    # --cuda-graph and --compile apply to the peft rows only with --graph-peft (then the same way)
+                    treated = args.graph_peft or not method.startswith("peft_")
+                    graphed, compiled = args.cuda_graph and treated, bool(args.compile) and treated
                     if method.startswith("peft_"):
-                        # --compile applies to the peft rows too when they are graphed (--graph-peft): the same way
-                        compile_peft = args.compile if args.graph_peft else None
-                        build = lambda m=method, c=compile_peft: build_peft(cfg, m, device, c)  # noqa: E731
+                        build = lambda m=method, c=args.compile if treated else None: build_peft(  # noqa: E731
+                            cfg, m, device, c)
                     else:
                         frozen = torch.bfloat16 if (dtype == "bf16" and args.frozen_bf16) else None
                         build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
-                    graphed = args.cuda_graph and (args.graph_peft or not method.startswith("peft_"))
                     try:
                         row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam,
                                         graphed, max_shapes=len(set(widths)) + 1)
@@ -254,8 +255,8 @@ def run(args, on_row=None) -> list[dict]:
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
                     flops = statistics.mean(flops_per_step(cfg, batch, w, method == "finetune") for w in widths)
-                    row.update(variant=args.tag or "eager", graphed=graphed, compiled=bool(args.compile) and
-                               (args.graph_peft or not method.startswith("peft_")), model=model_name, dtype=dtype, batch=batch,
+                    row.update(variant=args.tag or "eager", graphed=graphed, compiled=compiled, model=model_name,
+                               dtype=dtype, batch=batch,
                                length=int(length) if length.isdigit() else length, mean_width=statistics.mean(widths),
                                widths=sorted(set(widths)), device=gpu,
                                tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,

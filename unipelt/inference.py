@@ -43,6 +43,19 @@ def graph_shapes(data: Encoded, pad_multiple: int) -> int:
     return -(-longest // pad_multiple) + 1
 
 
+def fold_for_inference(model) -> None:
+    """Replace the active task's prefix MLP by its output, if it has one not yet folded (permanent: the model is
+    done training; it then saves as the smaller folded module)."""
+    methods = model.active.methods
+    if "prefix" in methods and not methods["prefix"].folded:
+        model.fold_prefix()
+
+
+def graphed_logits(model, data: Encoded, device, dtype: torch.dtype | None, bucket: int) -> GraphedForward:
+    """`model(**batch).logits` with one graph per batch shape that bucketed evaluation of `data` can produce."""
+    return GraphedForward(lambda b: model(**b).logits, device, dtype, max_shapes=graph_shapes(data, bucket))
+
+
 def predict(model, data: Encoded, pad_id: int, batch_size: int = 64, device=None, mixed_precision: str = "no",
             bucket: int = DEFAULT_BUCKET, cuda_graph: bool | None = None, fold: bool = True) -> torch.Tensor:
     """Logits (N, C) of the model's active task on `data`, in the data's order: the deployment path.
@@ -54,13 +67,12 @@ def predict(model, data: Encoded, pad_id: int, batch_size: int = 64, device=None
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    methods = model.active.methods
-    if fold and "prefix" in methods and not methods["prefix"].folded:
-        model.fold_prefix()
+    if fold:
+        fold_for_inference(model)
     dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     graphed = device.type == "cuda" if cuda_graph is None else cuda_graph
     if graphed:
-        forward = GraphedForward(lambda b: model(**b).logits, device, dtype, max_shapes=graph_shapes(data, bucket))
+        forward = graphed_logits(model, data, device, dtype, bucket)
     else:
         def forward(batch):
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):

@@ -218,17 +218,16 @@ class Trainer:
 
     def _graphed_eval(self, data: Encoded) -> GraphedForward | None:
         """One GraphedForward per split and fit under train.cuda_graph (its graphs read the live weights)."""
-        from ..inference import DEFAULT_BUCKET, graph_shapes
+        from ..inference import DEFAULT_BUCKET, graphed_logits
 
         s = self.settings
         if not s.cuda_graph or self.accelerator.num_processes > 1:
             return None
         graphs = self._eval_graphs
         if id(data) not in graphs:
-            model = self.raw
             dtype = torch.bfloat16 if s.mixed_precision == "bf16" else None
-            graphs[id(data)] = (data, GraphedForward(lambda b: model(**b).logits, self.accelerator.device, dtype,
-                                                     max_shapes=graph_shapes(data, s.graph_bucket or DEFAULT_BUCKET)))
+            graphs[id(data)] = (data, graphed_logits(self.raw, data, self.accelerator.device, dtype,
+                                                     s.graph_bucket or DEFAULT_BUCKET))
         return graphs[id(data)][1]
 
     def evaluate(self, data: Encoded, split: str | None = None, gate_stats: bool = False):
