@@ -21,7 +21,7 @@ timeout -s KILL $((left - 10)) python3 experiments/sweep.py --runs-dir "$runs" -
   --workers-per-device "${WPD:-6}" --ks "${KS:-100,500,1000}" --methods "${METHODS:-finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate}" \
   --deadline $((left - margin)) --log "$out/sweep_log.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision="${PRECISION:-bf16}" \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 ${EXTRA:-} 2>&1 | grep -vE "Loading weights|^done " | tail -40
+  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false ${EXTRA:-} 2>&1 | grep -vE "Loading weights|^done " | tail -40
 kill $smi
 python3 - "$out/gpu_util.csv" <<'PY'
 import sys

@@ -19,7 +19,7 @@ timeout -s KILL $((left - 15)) python3 experiments/sweep.py --runs-dir .sweep/lo
   ${MAXRUNS:+--max-runs "$MAXRUNS"} ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} \
   --deadline $((left - ${DRAIN:-200})) --log "$out/log.jsonl" \
   --set model=mpnet --set model.path=.dev/mpnet --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=60 > "$out/sweep.txt" 2>&1
+  --set train.eval_batch_size=256 --set train.checkpoint_every_s=60 --set train.cuda_graph=false > "$out/sweep.txt" 2>&1
 kill $smi
 grep -v Loading "$out/sweep.txt" | tail -4
 ls .sweep/low_resource_mpnet/runs | wc -l

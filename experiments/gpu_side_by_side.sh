@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VE
 K=${K:-100}
 WINDOW=${WINDOW:-200}   # seconds after which no new work starts (work in flight finishes)
 common=(--ks "$K" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
-        --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --deadline "$WINDOW")
+        --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false --deadline "$WINDOW")
 ngpu=$(nvidia-smi -L | wc -l)
 CONCURRENT=${CONCURRENT:-$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)}
 dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)

@@ -30,7 +30,7 @@ CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiment
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
   --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 > "$out/sweep_gpus$GPUS.txt" 2>&1
+  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi
 [ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control
 grep -v "Loading weights" "$out/sweep_gpus$GPUS.txt" | tail -n 4

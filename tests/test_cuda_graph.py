@@ -216,8 +216,8 @@ def test_cli_run_with_cuda_graph_trains_like_the_plain_run_and_resumes_bit_ident
     ({"mixed_precision": "fp16"}, ["train.cuda_graph", "train.mixed_precision=fp16", "GradScaler",
                                    "use train.mixed_precision=bf16 or no"]),
     ({"inject_nan_at_step": 3}, ["train.cuda_graph", "train.inject_nan_at_step=3", "inject_nan_at_step=null"]),
-    ({"compile": True}, ["train.cuda_graph", "train.compile=True", "not supported", "train.compile=false"]),
-    ({"compile": "eager"}, ["train.cuda_graph", "train.compile='eager'", "not supported"]),
+    ({"compile": "cudagraphs"}, ["train.cuda_graph=true", "train.compile='cudagraphs'", "inside another",
+                                 "train.compile=true"]),
 ])
 def test_cuda_graph_refuses_settings_it_cannot_honour(overrides, words):
     from unipelt.training.trainer import TrainSettings
@@ -228,15 +228,67 @@ def test_cuda_graph_refuses_settings_it_cannot_honour(overrides, words):
         assert word in str(err.value)
     TrainSettings(cuda_graph=False, **overrides)  # each is fine without the graph
     TrainSettings(cuda_graph=True, mixed_precision="bf16")
+    TrainSettings(cuda_graph=True, compile=True)  # inductor's fused kernels, captured whole: allowed
 
 
-def test_cuda_graph_must_be_a_bool_and_exists_in_the_config():
+def test_cuda_graph_must_be_a_bool_or_auto_and_the_config_defaults_to_auto():
     from unipelt.training.trainer import TrainSettings
 
-    with pytest.raises(ValueError, match=r"train.cuda_graph must be true or false, got 'yes'"):
+    with pytest.raises(ValueError, match=r"train.cuda_graph must be true, false or auto, got 'yes'"):
         TrainSettings(cuda_graph="yes")
     assert TrainSettings().cuda_graph is False
-    assert _config().train.cuda_graph is False
+    assert _config().train.cuda_graph == "auto"
+    with pytest.raises(ValueError, match=r"train.graph_bucket=16 .* needs train.cuda_graph=true or auto"):
+        TrainSettings(cuda_graph=False, graph_bucket=16)
+    TrainSettings(cuda_graph="auto", graph_bucket=32, mixed_precision="fp16")  # auto just resolves to off there
+
+
+def test_auto_graphs_resolve_on_only_where_the_per_run_trainer_can_capture_them():
+    from unipelt.training.trainer import TrainSettings
+
+    auto = TrainSettings(cuda_graph="auto")
+    on = auto.resolve_auto_graph(True)
+    assert (on.cuda_graph, on.graph_bucket) == (True, 16)
+    assert auto.resolve_auto_graph(False).cuda_graph is False and auto.resolve_auto_graph(False).graph_bucket is None
+    assert TrainSettings(cuda_graph="auto", graph_bucket=32).resolve_auto_graph(True).graph_bucket == 32
+    for ruled_out in ({"mixed_precision": "fp16"}, {"inject_nan_at_step": 3}, {"compile": "cudagraphs"}):
+        assert TrainSettings(cuda_graph="auto", **ruled_out).resolve_auto_graph(True).cuda_graph is False, ruled_out
+    explicit = TrainSettings(cuda_graph=True)
+    assert explicit.resolve_auto_graph(False) is explicit  # true and false are never second-guessed
+
+
+def test_a_plan_resolves_auto_graphs_per_run_and_its_config_says_so(monkeypatch, tmp_path):
+    """On a CUDA host the runs of the per-run trainer (full fine-tuning, group.enabled=false) get graphs with 16-token
+    buckets; PEFT runs of the grouped engine and runs on a CPU host do not; the plan's config (what the record and
+    the skip/resume checks see) holds the resolved values."""
+    import unipelt.plan as plan_module
+    from unipelt.training.record import config_diff
+
+    base = [*TINY, f"output.runs_dir={tmp_path}"]
+
+    def resolved(*overrides):
+        p = plan_module.plan(_config(*base, *overrides))
+        assert p.config["train"]["cuda_graph"] is p.settings.cuda_graph
+        assert p.config["train"].get("graph_bucket") == p.settings.graph_bucket
+        return p.settings.cuda_graph, p.settings.graph_bucket
+
+    cpu_finetune = plan_module.plan(_config(*base, "method=finetune"))
+    assert resolved("method=finetune") == (False, None)  # this CPU host
+    monkeypatch.setattr(plan_module.torch.cuda, "is_available", lambda: True)
+    assert resolved("method=finetune") == (True, 16)
+    assert resolved("method=lora", "group.enabled=false") == (True, 16)
+    assert resolved("method=lora") == (False, None)  # the grouped engine
+    assert resolved("method=finetune", "train.mixed_precision=fp16") == (False, None)
+    assert resolved("method=finetune", "train.cuda_graph=false") == (False, None)
+    assert resolved("method=finetune", "+train.graph_bucket=32") == (True, 32)
+    gpu_finetune = plan_module.plan(_config(*base, "method=finetune"))
+    assert config_diff(cpu_finetune.config, gpu_finetune.config) == [
+        "train.cuda_graph: False -> True", "train.graph_bucket: None -> 16"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch: DDP's all-reduce is not captured
+    assert resolved("method=finetune") == (False, None)
+    # a record written before train.cuda_graph / train.compile existed counts as ungraphed, uncompiled
+    old = {k: v for k, v in cpu_finetune.config["train"].items() if k not in ("cuda_graph", "compile", "graph_bucket")}
+    assert config_diff({**cpu_finetune.config, "train": old}, cpu_finetune.config) == []
 
 
 def test_cuda_graph_with_several_processes_fails_at_fit(tmp_path):
@@ -430,3 +482,64 @@ def test_graph_bucket_needs_cuda_graph_and_a_positive_width():
     with pytest.raises(ValueError, match=r"train.graph_bucket must be a positive number of tokens or null, got 0"):
         TrainSettings(cuda_graph=True, graph_bucket=0)
     assert TrainSettings(cuda_graph=True, graph_bucket=32).graph_bucket == 32
+
+
+# --- torch.compile inside the captured step ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_run_with_compile_and_graph_buckets_trains_like_the_graphed_run_without_compile(tmp_path, monkeypatch):
+    """train.compile + train.cuda_graph: the step function the graph captures is the compiled model's (here the
+    aot_eager backend, which runs the traced graph with the same kernels), with one graph per bucket width; the
+    record equals that of the same run graphed without compile."""
+    import unipelt.training.trainer as trainer_module
+    from unipelt.run import run_cli
+
+    compiled = []
+    real_compile = torch.compile
+
+    def spy_compile(model, **kwargs):
+        compiled.append(kwargs.get("backend"))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(trainer_module.torch, "compile", spy_compile)
+    base = [*TINY, "method=unipelt_apl", "data.k=24", "data.max_length=80", "train.batch_size=4",
+            "group.enabled=false", "train.cuda_graph=true", "+train.graph_bucket=16", "output.save_modules=false"]
+    rid = "rte-unipelt_apl-k24-d111-s42"
+    run_cli(_config(*base, f"output.runs_dir={tmp_path / 'graphed'}"))
+    assert compiled == []
+    torch._dynamo.reset()
+    run_cli(_config(*base, "train.compile=aot_eager", f"output.runs_dir={tmp_path / 'compiled'}"))
+    assert compiled == ["aot_eager"]
+    plain, fast = _record(tmp_path / "graphed" / rid), _record(tmp_path / "compiled" / rid)
+    assert fast["status"] == "complete" and fast["config"]["train"]["compile"] == "aot_eager"
+    assert fast["steps"] == plain["steps"] > 0
+    assert [h["train_loss"] for h in fast["history"]] == pytest.approx([h["train_loss"] for h in plain["history"]],
+                                                                       abs=1e-5)
+    assert fast["test_score"] == pytest.approx(plain["test_score"], abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_inductor_compiled_step_captured_per_bucket_width_trains_like_the_plain_loop_on_cuda(monkeypatch):
+    """The trainer's train.compile=true + train.cuda_graph=true + train.graph_bucket: inductor's fused kernels
+    captured as one graph per width. With inductor's random numbers taken from torch's own ops (fallback_random),
+    dropout draws what the plain loop draws, so the two must train alike up to kernel rounding."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    device = torch.device("cuda")
+    plain, graphed = _pair("unipelt_apl", device)
+    batches = _bucketed_batches(WIDTHS)
+    plain_losses = _train_plain(plain, batches, 1e-2, device)
+    compiled = torch.compile(graphed)
+    opt = capturable_adamw(list(graphed.trainable_named_parameters().values()), 1e-2, device=device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    step = GraphedTrainStep(lambda b: compiled(**b).loss, opt, device, warmup=2, max_shapes=2)
+    torch.manual_seed(3)
+    graphed_losses = []
+    for batch in batches:
+        graphed_losses.append(step({k: v.to(device) for k, v in batch.items()}).item())
+        sched.step()
+    assert sum(shape.graph is not None for shape in step.shapes.values()) == 2 and step.replays == 6
+    _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-4)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 
 from .training.batching import Encoded, eval_batches
-from .training.cuda_graph import GraphedForward
+from .training.cuda_graph import DEFAULT_GRAPH_BUCKET, GraphedForward
 
-DEFAULT_BUCKET = 16
+DEFAULT_BUCKET = DEFAULT_GRAPH_BUCKET  # the width multiple of graphed inference batches
 
 
 def logits_in_order(forward: Callable[[dict], torch.Tensor], data: Encoded, batch_size: int, pad_id: int, device,

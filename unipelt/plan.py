@@ -236,10 +236,30 @@ def plan(cfg: DictConfig) -> RunPlan:
     init = (cfg.get("init") or {}).get("modules")
     data_dir = resolve_data_dir(cfg.data.dir)
     rid = run_id(spec.name, method, k, data_seed, settings.seed, cfg.model.name, tag)
-    return RunPlan(spec, method, pelt, cfg.model.name, cfg.model.path, num_layers, k, data_seed, data_dir,
-                   int(cfg.data.dev_size), int(cfg.data.max_length), rid, Path(cfg.output.runs_dir) / rid,
-                   bool(cfg.output.force), settings=settings, config=OmegaConf.to_container(cfg, resolve=True),
-                   init_modules=None if init is None else Path(str(init)).expanduser(), threads=threads)
+    p = RunPlan(spec, method, pelt, cfg.model.name, cfg.model.path, num_layers, k, data_seed, data_dir,
+                int(cfg.data.dev_size), int(cfg.data.max_length), rid, Path(cfg.output.runs_dir) / rid,
+                bool(cfg.output.force), settings=settings, config=OmegaConf.to_container(cfg, resolve=True),
+                init_modules=None if init is None else Path(str(init)).expanduser(), threads=threads)
+    return resolve_auto_graphs(p, cfg)
+
+
+def resolve_auto_graphs(p: RunPlan, cfg: DictConfig) -> RunPlan:
+    """train.cuda_graph=auto (the default) made definite for this run: on when the per-run trainer trains it (full
+    fine-tuning, group.enabled=false, ...) on one CUDA GPU, off in the grouped engine and on CPU (see
+    TrainSettings.resolve_auto_graph). The plan's config, which the record stores and checkpoints and complete
+    records are compared with, holds the resolved value and bucket."""
+    if p.settings.cuda_graph != "auto":
+        return p
+    import dataclasses
+
+    from .grouping.runner import solo_reason
+
+    without = dataclasses.replace(p, settings=dataclasses.replace(p.settings, cuda_graph=False, graph_bucket=None))
+    one_gpu = torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    settings = p.settings.resolve_auto_graph(one_gpu and solo_reason(without, cfg) is not None)
+    config = {**p.config, "train": {**p.config["train"], "cuda_graph": settings.cuda_graph,
+                                    "graph_bucket": settings.graph_bucket}}
+    return dataclasses.replace(p, settings=settings, config=config)
 
 
 def check_model(p: RunPlan):

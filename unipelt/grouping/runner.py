@@ -46,7 +46,7 @@ def solo_reason(p: RunPlan, cfg: DictConfig) -> str | None:
         return "group.enabled=false"
     if any(name == "finetune" for name in p.pelt.methods):
         return "full fine-tuning trains the encoder, which a group shares"
-    if s.compile is not False or s.cuda_graph:
+    if s.compile is not False or s.cuda_graph is True:  # "auto" stays off in a group (plan.resolve_auto_graphs)
         return "train.compile / train.cuda_graph use the per-run trainer"
     if s.mixed_precision == "fp16":
         return "fp16 needs a per-run GradScaler"

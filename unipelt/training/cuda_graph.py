@@ -19,6 +19,9 @@ from collections.abc import Callable
 import torch
 
 
+DEFAULT_GRAPH_BUCKET = 16  # tokens: batches padded to the next multiple (a handful of widths up to 128, one graph each)
+
+
 def capturable_adamw(params, lr: float, weight_decay: float = 0.0, device=None) -> torch.optim.AdamW:
     """AdamW whose step can be captured: on CUDA fused + capturable with the LR as a device tensor; on CPU the
     plain single-tensor AdamW with a tensor LR (the same update rule)."""

@@ -7,7 +7,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +18,7 @@ from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order
 from .checkpoint import Checkpointer, load_optimizer_state
-from .cuda_graph import GraphedForward, GraphedTrainStep, capturable_adamw
+from .cuda_graph import DEFAULT_GRAPH_BUCKET, GraphedForward, GraphedTrainStep, capturable_adamw
 from .tracking import RunTracker, check_log_with
 
 log = logging.getLogger("unipelt.train")
@@ -44,8 +44,10 @@ class TrainSettings:
     seed: int = 42
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     bucket: bool = False  # length-bucketed training batches (less padding)
-    compile: bool | str = False  # torch.compile the model for training: true (inductor) or a backend name
-    cuda_graph: bool = False  # capture each training step as one CUDA graph (fixed-shape batches; cuda_graph.py)
+    compile: bool | str = False  # torch.compile the model for training: true (inductor) or a backend name; with
+    # cuda_graph the compiled forward + backward + optimizer step is captured as one graph (the fastest step)
+    cuda_graph: bool | str = False  # capture each training step as one CUDA graph (fixed-shape batches;
+    # cuda_graph.py); "auto" (the config's default): on where it applies (resolve_auto_graph), with 16-token buckets
     graph_bucket: int | None = None  # with cuda_graph: pad each batch to the next multiple of this many tokens
     # (at most the data's max length) and keep one graph per width; null: every batch padded to one width
     max_steps: int | None = None  # stop after this many steps in total (smoke tests)
@@ -74,15 +76,15 @@ class TrainSettings:
             raise ValueError(f"train.compile must be true, false or a torch.compile backend name, got {self.compile!r}")
         if not isinstance(self.bucket, bool):
             raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if not (isinstance(self.cuda_graph, bool) or self.cuda_graph == "auto"):
+            raise ValueError(f"train.cuda_graph must be true, false or auto, got {self.cuda_graph!r}")
         if self.graph_bucket is not None:
             if not isinstance(self.graph_bucket, int) or isinstance(self.graph_bucket, bool) or self.graph_bucket < 1:
                 raise ValueError(f"train.graph_bucket must be a positive number of tokens or null, got "
                                  f"{self.graph_bucket!r}")
-            if not self.cuda_graph:
+            if self.cuda_graph is False:
                 raise ValueError(f"train.graph_bucket={self.graph_bucket} pads batches for CUDA graphs and needs "
-                                 f"train.cuda_graph=true; set train.cuda_graph=true or train.graph_bucket=null")
+                                 f"train.cuda_graph=true or auto; set one of those or train.graph_bucket=null")
         if not (_is_number(self.checkpoint_every_s) and 0 <= self.checkpoint_every_s < math.inf):
             raise ValueError(f"train.checkpoint_every_s must be a number of seconds >= 0, got {self.checkpoint_every_s!r}")
         for name in ("max_steps", "inject_nan_at_step"):
@@ -90,8 +92,20 @@ class TrainSettings:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"train.{name} must be a positive integer or null, got {value!r}")
         check_log_with(self.log_with, need_package=False)  # the package is checked when a run is planned
-        if self.cuda_graph:
+        if self.cuda_graph is True:
             self._check_cuda_graph()
+
+    def resolve_auto_graph(self, per_run_on_one_gpu: bool) -> "TrainSettings":
+        """train.cuda_graph=auto made definite: graphs on when the per-run trainer trains the run on one CUDA GPU
+        (`per_run_on_one_gpu`) and no setting rules them out (fp16's GradScaler, fault injection, a compile backend
+        that captures graphs itself), then with one graph per `graph_bucket`-token width (default 16, so short
+        sentences are not padded to the max length). Off everywhere else: on CPU, in the grouped engine, under
+        several processes. The resolved value is what the run's record states."""
+        if self.cuda_graph != "auto":
+            return self
+        on = (per_run_on_one_gpu and self.mixed_precision != "fp16" and self.inject_nan_at_step is None
+              and self.compile != "cudagraphs")
+        return replace(self, cuda_graph=on, graph_bucket=(self.graph_bucket or DEFAULT_GRAPH_BUCKET) if on else None)
 
     def _check_cuda_graph(self) -> None:
         """Settings a captured step cannot honour are refused rather than silently ignored."""
@@ -103,9 +117,10 @@ class TrainSettings:
             raise ValueError(f"train.cuda_graph=true does not work with train.inject_nan_at_step="
                              f"{self.inject_nan_at_step} (the fault is injected between forward and backward, inside "
                              f"the captured step); set train.inject_nan_at_step=null or train.cuda_graph=false")
-        if self.compile is not False:
-            raise ValueError(f"train.cuda_graph=true with train.compile={self.compile!r} is not supported yet; set "
-                             f"train.compile=false or train.cuda_graph=false")
+        if self.compile == "cudagraphs":
+            raise ValueError("train.cuda_graph=true with train.compile='cudagraphs' would capture a CUDA graph inside "
+                             "another; use train.compile=true (inductor: fused kernels, then captured whole by "
+                             "train.cuda_graph) or train.cuda_graph=false")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
@@ -147,11 +162,12 @@ class Trainer:
         self.raw = model
         self.spec = spec
         self.train_data, self.dev_data = train, dev
-        self.settings = settings
         self.pad_id = pad_id
         self.pad_to = pad_to
         self.run_dir = run_dir
         self.accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
+        acc = self.accelerator  # train.cuda_graph=auto (unplanned settings): decided here by the device
+        self.settings = settings.resolve_auto_graph(acc.device.type == "cuda" and acc.num_processes == 1)
         self.progress = progress
         self.checkpoints = Checkpointer(run_dir / "checkpoint", config)
         self.config = config
