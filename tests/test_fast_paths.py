@@ -91,3 +91,98 @@ def test_trainer_with_compile_gives_the_same_record_metrics(tmp_path):
     assert fast["best_epoch"] == plain["best_epoch"]
     for name, values in plain["gates"].items():
         assert fast["gates"][name] == pytest.approx(values, abs=1e-5)
+
+
+# --- fewer kernels per layer: one q/k/v matmul with a prefix, one LoRA down-projection for query + value ----------
+def _logits_and_grads(model, ids, mask, labels):
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(11)  # the same dropout masks (head, modules) for both paths
+    out = model(ids, mask, labels=labels)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, atol=1e-6):
+    (logits_a, grads_a), (logits_b, grads_b) = a, b
+    assert torch.allclose(logits_a, logits_b, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=atol), name
+
+
+@pytest.mark.parametrize("method, arch", [("unipelt_aplb", "bert"), ("unipelt_apl", "roberta"),
+                                          ("unipelt_apl", "mpnet"), ("prefix", "bert")])
+def test_fused_qkv_projection_equals_the_three_linears_and_skips_their_forward(method, arch, monkeypatch):
+    """With a prefix the attention is recomputed from q, k, v: the three frozen linears run as one matmul over their
+    concatenated weights, and each site (LoRA, BitFit) still adds its deltas. Same logits and gradients as the three
+    separate linears; the linears' own forward is never called."""
+    from unipelt.sites import PrefixAttentionSite
+
+    model = model_with(method, arch=arch).train()
+    randomize_(model.tasks["t"])
+    model.encoder.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    calls = []
+    sites = [m for m in model.modules() if isinstance(m, PrefixAttentionSite)]
+    assert sites
+    for site in sites:
+        for path in site._paths.values():
+            linear = site.base.get_submodule(path)
+            linear = getattr(linear, "base", linear)
+            linear.register_forward_hook(lambda *a: calls.append(1))
+    fused = _logits_and_grads(model, ids, mask, labels)
+    assert calls == []  # the fused matmul read the weights; no per-linear forward ran
+    real = PrefixAttentionSite.projections
+    monkeypatch.setattr(PrefixAttentionSite, "projections", lambda self, h, fused=True: real(self, h, fused=False))
+    separate = _logits_and_grads(model, ids, mask, labels)
+    assert len(calls) == 3 * len(sites)
+    _assert_same(fused, separate)
+
+
+def test_fused_qkv_projection_trains_the_encoder_weights_it_concatenates():
+    """Full fine-tuning with a prefix: the concatenation is taken per forward, so gradients reach each linear's own
+    weight and an optimizer step is seen by the next forward."""
+    from unipelt import PeltConfig
+
+    config = PeltConfig.from_dict({"methods": {"finetune": {}, "prefix": {}}})
+    model = model_with(config).train()
+    model.encoder.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    query = next(p for n, p in model.named_parameters() if n.endswith("query.weight"))
+    logits, grads = _logits_and_grads(model, ids, mask, labels)
+    assert query.grad is not None and query.grad.abs().sum() > 0
+    with torch.no_grad():
+        query.add_(torch.randn_like(query) * 0.5)
+    assert not torch.allclose(model(ids, mask).logits, logits, atol=1e-4)
+
+
+def test_lora_query_and_value_share_one_down_projection_with_the_same_results(monkeypatch):
+    """LoRA on query and value (the default) computes [A_q; A_v] x once per layer and forward; each target takes its
+    slice. Same logits and gradients as one A x per target; a target on another input (the attention output)
+    keeps its own, and LoRA dropout (masks per target) turns the sharing off."""
+    from unipelt import PeltConfig
+    from unipelt.methods.lora import LoraMethod
+
+    for method in ("lora", "unipelt_apl", PeltConfig.from_dict(
+            {"methods": {"lora": {"targets": ["query", "value", "attn_output"]}}})):
+        ids, mask = batch()
+        labels = torch.tensor([0, 1, 1, 0])
+        model = model_with(method).train()
+        randomize_(model.tasks["t"])
+        shared = _logits_and_grads(model, ids, mask, labels)
+        keys = [k for k in model.state.cache if isinstance(k, tuple) and k[0] == "lora_down"]
+        assert len(keys) == model.encoder.config.num_hidden_layers, method
+        assert all(model.state.cache[k][1].shape[-1] == 16 for k in keys)  # r=8 for query and for value
+        with monkeypatch.context() as m:  # the same model built with one A x per target
+            m.setattr(LoraMethod, "_shared_down", lambda *a: None)
+            alone = model_with(method).train()
+        randomize_(alone.tasks["t"])
+        separate = _logits_and_grads(alone, ids, mask, labels)
+        assert not any(isinstance(k, tuple) and k[0] == "lora_down" for k in alone.state.cache)
+        _assert_same(shared, separate)
+    with_dropout = model_with(PeltConfig.from_dict({"methods": {"lora": {"dropout": 0.1}}})).train()
+    with_dropout(*batch())
+    assert not any(isinstance(k, tuple) and k[0] == "lora_down" for k in with_dropout.state.cache)

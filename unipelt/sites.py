@@ -40,14 +40,35 @@ class ModuleSite(nn.Module):
         self._replace.pop(task, None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        replace = self._replace.get(self._state.active)
+        return self.finish(x, self.base(x, *args, **kwargs) if replace is None else replace(x))
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` = base(x), computed here or elsewhere (a fused projection): add the active task's deltas of `x`, then
+        apply its posts."""
         task = self._state.active
-        replace = self._replace.get(task)
-        y = self.base(x, *args, **kwargs) if replace is None else replace(x)
         for fn in self._deltas.get(task, ()):
             y = y + fn(x)
         for fn in self._posts.get(task, ()):
             y = fn(y)
         return y
+
+    def replaces(self) -> bool:
+        """Whether the active task computes this module's output by another function (grouped dropout)."""
+        return self._state.active in self._replace
+
+
+def _fusable(modules: list[nn.Module], linears: list[nn.Module]) -> bool:
+    """Whether q/k/v can run as one matmul: plain linears of one input size, dtype and device, all with a bias or none,
+    and no site that replaces its module's output for the active task."""
+    if any(isinstance(m, ModuleSite) and m.replaces() for m in modules):
+        return False
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return False
+    first = linears[0].weight
+    return (all(lin.in_features == linears[0].in_features and lin.weight.dtype == first.dtype
+                and lin.weight.device == first.device for lin in linears)
+            and len({lin.bias is None for lin in linears}) == 1)
 
 
 class PrefixAttentionSite(nn.Module):
@@ -78,13 +99,22 @@ class PrefixAttentionSite(nn.Module):
         self._prefix.pop(task, None)
         self._replace.pop(task, None)
 
-    def projections(self, hidden_states: torch.Tensor):
-        """Query, key and value in (B, H, T, D), through the sites on those linears (LoRA, BitFit)."""
-        base = self.base
-        q = self._heads(base.get_submodule(self._paths["query"])(hidden_states))
-        k = self._heads(base.get_submodule(self._paths["key"])(hidden_states))
-        v = self._heads(base.get_submodule(self._paths["value"])(hidden_states))
-        return q, k, v
+    def projections(self, hidden_states: torch.Tensor, fused: bool = True):
+        """Query, key and value in (B, H, T, D), through the sites on those linears (LoRA, BitFit).
+
+        `fused`: the three frozen projections run as one matmul over their concatenated weights (one GEMM instead of
+        three forward, one input-gradient GEMM instead of three backward; the concatenation is a copy per forward, so
+        weights that train, as in full fine-tuning, stay correct), then each site adds its task's deltas. Same values
+        up to float rounding; where the linears are not plain nn.Linear of one input size, the per-linear path."""
+        modules = [self.base.get_submodule(self._paths[role]) for role in ("query", "key", "value")]
+        linears = [m.base if isinstance(m, ModuleSite) else m for m in modules]
+        if fused and _fusable(modules, linears):
+            weight = torch.cat([lin.weight for lin in linears], 0)
+            bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], 0)
+            outs = F.linear(hidden_states, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+            return tuple(self._heads(m.finish(hidden_states, y) if isinstance(m, ModuleSite) else y)
+                         for m, y in zip(modules, outs))
+        return tuple(self._heads(m(hidden_states)) for m in modules)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

@@ -409,7 +409,7 @@ class GroupEngine:
 
     def _attention(self, layer: int):
         def fn(site, hidden: torch.Tensor, score_bias=None, **kwargs):
-            q, k, v = site.projections(hidden)
+            q, k, v = site.projections(hidden, fused=False)  # the grouped records' numerics, as trained so far
             prefix, has_prefix = 0, None
             provided = self._prefix_provider(layer) if self._prefix_provider is not None else None
             if provided is not None:

@@ -17,6 +17,7 @@ from ..gates import Gate, scale
 from .base import MethodConfig, PeltMethod, not_groupable, register_method
 
 GATE_MODES = ("replace", "multiply")
+SAME_INPUT = ("query", "key", "value")  # targets that read one tensor, the layer's hidden states: one shared A x
 
 
 @dataclass
@@ -73,19 +74,41 @@ class LoraMethod(PeltMethod):
         for role, updates in self.updates.items():
             for i, update in enumerate(updates):
                 gate = injector.layer_gate(i, task, self.gate_modules[role][i]) if role in self.gate_modules else None
-                injector.linear_site(i, role).add_delta(task, self._delta(update, gate))
+                injector.linear_site(i, role).add_delta(task, self._delta(role, i, gate, injector.state, task))
 
-    def _delta(self, update: LowRank, gate):
+    def _delta(self, role: str, layer: int, gate, state, task: str):
         cfg = self.config
+        update = self.updates[role][layer]
+        down = self._shared_down(role, layer, state, task)
 
         def delta(x: torch.Tensor) -> torch.Tensor:
-            out = update(x)
+            out = update(x) if down is None else down(x) @ update.B.t()
             if gate is None:
                 return out * cfg.scaling
             g = gate()
             return scale(out, g if cfg.gate_mode == "replace" else g * cfg.scaling)
 
         return delta
+
+    def _shared_down(self, role: str, layer: int, state, task: str):
+        """A x for `role`, computed for all of the layer's targets that read the same input (query, key and value read
+        the layer's hidden states) as one matmul over their stacked A: the first target's call computes it, the others
+        take their slice from the forward's cache. None (each its own matmul) with LoRA dropout, whose masks are drawn
+        per target, or when the targets' input sizes differ."""
+        roles = [ro for ro in self.updates if ro in SAME_INPUT]
+        sizes = {self.updates[ro][layer].A.shape[1] for ro in roles}
+        if self.config.dropout or role not in roles or len(roles) < 2 or len(sizes) != 1:
+            return None
+        r, index, key = self.config.r, roles.index(role), ("lora_down", task, layer)
+
+        def down(x: torch.Tensor) -> torch.Tensor:
+            hit = state.cache.get(key)
+            if hit is None or hit[0] is not x:  # another input (a target reading another tensor): compute anew
+                stacked = torch.cat([self.updates[ro][layer].A for ro in roles], 0)
+                hit = state.cache[key] = (x, x @ stacked.t())
+            return hit[1][..., index * r:(index + 1) * r]
+
+        return down
 
     def gates(self) -> dict[str, list[Gate]]:
         return {f"lora_{role}": list(gs) for role, gs in self.gate_modules.items()}
