@@ -12,7 +12,7 @@ stops new work from starting (for time-limited jobs); work in flight finishes an
     python experiments/sweep.py --runs-dir runs/low_resource --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 \
         --seeds 111,222,333,444,555 --methods finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate \
         [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] \
-        [--queue Q] [--costs-from RUNS_DIR] \
+        [--queue Q] [--costs-from RUNS_DIR] [--dry-run] \
         [--deadline SECONDS] [--set model.path=... ...]
 """
 from __future__ import annotations
@@ -128,6 +128,55 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: 
             for group in partition(grouped, total)]
     jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p, factors), "solo": True} for p in solo]
     return sorted(jobs, key=lambda j: -j["cost"])
+
+
+def simulate_makespan(jobs: list[dict], workers: int) -> float:
+    """When the last of `jobs` (in order) ends if each of `workers` processes takes the next job as soon as it is
+    free and a job lasts its planned cost: the planner's view of how well the jobs balance over the workers (it
+    ignores that jobs sharing a device slow each other down, and that early stopping makes real times differ)."""
+    import heapq
+
+    free = [0.0] * max(1, workers)
+    for job in jobs:
+        heapq.heappush(free, heapq.heappop(free) + job["cost"])
+    return max(free)
+
+
+def dry_run(args, todo: list[list[str]], extra: list[str]) -> None:
+    """Print the plan (jobs, largest first) and how its groups balance over 1, 2 and the visible devices, without
+    training: for comparing --max-runs / --queue / --workers-per-device before a timed sweep. The balance figure is
+    planned costs only (simulate_makespan): real groups speed up when fewer share a device and cannot end before
+    their longest run, so it ranks plans by how evenly they split, it does not predict a wall time."""
+    devices = visible_devices(args.devices)
+    composer = Composer(extra)
+    if args.max_runs is None and any(d.startswith("cuda") for d in devices):
+        max_runs = _auto_max_runs(devices, args.workers_per_device, todo, composer)
+    else:
+        from unipelt.grouping.runner import CPU_MAX_RUNS
+
+        max_runs = args.max_runs or CPU_MAX_RUNS
+    factors = task_factors_from(args.costs_from) if args.costs_from else None
+    jobs = plan_jobs(todo, composer, max_runs, args.queue, factors)
+    groups = [j for j in jobs if not j["solo"]]
+    print(f"dry run: {len(todo)} runs in {len(groups)} groups (at most {max_runs} at a time) and "
+          f"{len(jobs) - len(groups)} runs that train alone")
+    lines: dict[str, int] = {}  # identical jobs (e.g. the fine-tuning runs of one task) on one line
+    for job in jobs:
+        axis = dict(o.split("=", 1) for o in job["runs"][0])
+        kind = "alone" if job["solo"] else f"group of {len(job['runs'])}"
+        line = f"{kind:12s} task={axis.get('task')} k={axis.get('data.k')} planned cost {job['cost']:.0f}"
+        lines[line] = lines.get(line, 0) + 1
+    for line, count in lines.items():
+        print(f"  {count:3d} x {line}")
+    total = sum(j["cost"] for j in groups)
+    if not groups:
+        return
+    one = simulate_makespan(groups, args.workers_per_device)
+    for n in sorted({1, 2, len(devices)}):
+        workers = n * args.workers_per_device
+        span = simulate_makespan(groups, workers)
+        print(f"  {n} device(s) x {args.workers_per_device} group workers: the groups end at {span:.0f} cost units, "
+              f"workers busy {100 * total / (workers * span):.0f}%, {one / span:.2f}x one device (balance only)")
 
 
 def with_data_seed(base, overrides: list[str]):
@@ -391,11 +440,19 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new work starts")
     p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
     p.add_argument("--log", default=None, help="append one JSON line per finished run here")
+    p.add_argument("--dry-run", action="store_true", help="grouped: print the plan and how its groups balance over "
+                   "1, 2 and the visible devices, then stop (nothing trains)")
     args = p.parse_args(argv)
     extra = [f"output.runs_dir={args.runs_dir}", "output.progress=false", "output.save_modules=false", *args.set]
     done = done_filter(Path(args.runs_dir), extra)
     todo = [o for o in grid(args) if not done(o)]
     print(f"{len(todo)} runs to do ({len(grid(args)) - len(todo)} already complete), mode {args.mode}", flush=True)
+    if args.dry_run:
+        if args.mode != "grouped":
+            raise SystemExit(f"--dry-run plans grouped sweeps; got --mode {args.mode}")
+        if todo:
+            dry_run(args, todo, extra)
+        return 0
     log_file = open(args.log, "a") if args.log else None
 
     def log(row: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -599,3 +600,33 @@ def test_records_from_before_grouping_count_as_per_run_trainer_records():
     assert "group" not in old
     assert not any(d.startswith("group.enabled") for d in config_diff(old, {**old, "group": {"enabled": False}}))
     assert "group.enabled: (absent, i.e. False) -> True" in config_diff(old, {**old, "group": {"enabled": True}})
+
+
+def test_simulated_makespan_hands_each_job_to_the_first_free_worker():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import sweep
+
+    jobs = [{"cost": c} for c in (3, 3, 2, 2, 2)]
+    assert sweep.simulate_makespan(jobs, 1) == 12
+    assert sweep.simulate_makespan(jobs, 2) == 7  # 3 + 2 + 2 on one worker, 3 + 2 on the other
+    assert sweep.simulate_makespan(jobs, 5) == 3
+    assert sweep.simulate_makespan([{"cost": 1}] * 4, 2) == 2
+
+
+def test_a_dry_run_prints_the_plan_and_how_it_balances_and_trains_nothing(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import sweep
+
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--tasks", "rte,stsb", "--ks", "100", "--seeds", "111,222",
+            "--methods", "finetune,lora,unipelt_apl", "--max-runs", "2", "--workers-per-device", "2",
+            "--devices", "cpu", "--dry-run", "--set", "model.num_layers=1"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 12 runs in 4 groups (at most 2 at a time) and 4 runs that train alone" in out
+    assert "2 x group of 2   task=rte k=100" in out and "2 x alone        task=stsb k=100" in out
+    one = re.search(r"1 device\(s\) x 2 group workers: the groups end at (\d+)", out)
+    two = re.search(r"2 device\(s\) x 2 group workers: the groups end at (\d+) .* ([\d.]+)x one device", out)
+    assert one and two and float(two.group(2)) == pytest.approx(int(one.group(1)) / int(two.group(1)), abs=0.01)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing trained
+    with pytest.raises(SystemExit, match="--dry-run plans grouped sweeps; got --mode packed"):
+        sweep.main([*argv, "--mode", "packed"])
