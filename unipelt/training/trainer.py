@@ -281,6 +281,10 @@ class Trainer:
             shapes = 1 if s.graph_bucket is None else -(-self._graph_width() // s.graph_bucket) + 1
             graphed = GraphedTrainStep(lambda b: model(**b).loss, optimizer, acc.device, autocast_dtype=autocast,
                                        max_shapes=shapes)
+            widths = "every batch padded to one width" if s.graph_bucket is None else \
+                f"one per {s.graph_bucket}-token width"
+            log.info("training steps as CUDA graphs (%s%s; train.cuda_graph=false turns them off)", widths,
+                     ", compiled" if s.compile else "")
         progress = {"step": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "train_time": 0.0,
                     "dev_metrics": {}}
         self.state = progress
