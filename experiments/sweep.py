@@ -4,7 +4,8 @@ grouped: the grid's PEFT runs are split into groups that share the frozen encode
          lengths, ...; unipelt/grouping) and each group trains in one process; full fine-tuning runs train alone.
          Groups (largest first) and solo runs go to `--workers-per-device` processes on each device.
 packed:  one run after another in each of `--workers` processes on one device (the earlier way; pass
-         `--set group.enabled=false` for the per-run trainer exactly as before grouping existed).
+         `--set group.enabled=false` for the per-run trainer exactly as before grouping existed; on a GPU also
+         `--set train.cuda_graph=false`, since the default graphs the per-run trainer's steps there).
 
 Runs whose complete record exists are skipped, so the same command finishes only what is missing. A deadline
 stops new work from starting (for time-limited jobs); work in flight finishes and writes its records.
