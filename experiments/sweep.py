@@ -131,6 +131,18 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: 
     return sorted(jobs, key=lambda j: -j["cost"])
 
 
+def plan_sweep(args, todo: list[list[str]], extra: list[str], devices: list[str]) -> tuple[int, list[dict]]:
+    """(runs trained at once per group, jobs largest first) for the grid points `todo`: what a grouped sweep runs
+    and what --dry-run shows."""
+    composer = Composer(extra)
+    max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
+    factors = task_factors_from(args.costs_from) if args.costs_from else None
+    if factors:
+        print("task cost factors from earlier records: " + ", ".join(
+            f"{t} k={k} {v:.2f}" for (t, k), v in sorted(factors.items())), flush=True)
+    return max_runs, plan_jobs(todo, composer, max_runs, args.queue, factors)
+
+
 def simulate_makespan(jobs: list[dict], workers: int) -> float:
     """When the last of `jobs` (in order) ends if each of `workers` processes takes the next job as soon as it is
     free and a job lasts its planned cost: the planner's view of how well the jobs balance over the workers (it
@@ -149,15 +161,7 @@ def dry_run(args, todo: list[list[str]], extra: list[str]) -> None:
     planned costs only (simulate_makespan): real groups speed up when fewer share a device and cannot end before
     their longest run, so it ranks plans by how evenly they split, it does not predict a wall time."""
     devices = visible_devices(args.devices)
-    composer = Composer(extra)
-    if args.max_runs is None and any(d.startswith("cuda") for d in devices):
-        max_runs = _auto_max_runs(devices, args.workers_per_device, todo, composer)
-    else:
-        from unipelt.grouping.runner import CPU_MAX_RUNS
-
-        max_runs = args.max_runs or CPU_MAX_RUNS
-    factors = task_factors_from(args.costs_from) if args.costs_from else None
-    jobs = plan_jobs(todo, composer, max_runs, args.queue, factors)
+    max_runs, jobs = plan_sweep(args, todo, extra, devices)
     groups = [j for j in jobs if not j["solo"]]
     print(f"dry run: {len(todo)} runs in {len(groups)} groups (at most {max_runs} at a time) and "
           f"{len(jobs) - len(groups)} runs that train alone")
@@ -169,9 +173,9 @@ def dry_run(args, todo: list[list[str]], extra: list[str]) -> None:
         lines[line] = lines.get(line, 0) + 1
     for line, count in lines.items():
         print(f"  {count:3d} x {line}")
-    total = sum(j["cost"] for j in groups)
     if not groups:
         return
+    total = sum(j["cost"] for j in groups)
     one = simulate_makespan(groups, args.workers_per_device)
     for n in sorted({1, 2, len(devices)}):
         workers = n * args.workers_per_device
@@ -296,13 +300,7 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
                for i, ((d, _), q) in enumerate(zip(kinds, queues))]
     for w in workers:
         w.start()
-    composer = Composer(extra)
-    max_runs = args.max_runs or _auto_max_runs(devices, args.workers_per_device, todo, composer)
-    factors = task_factors_from(args.costs_from) if args.costs_from else None
-    if factors:
-        print("task cost factors from earlier records: " + ", ".join(
-            f"{t} k={k} {v:.2f}" for (t, k), v in sorted(factors.items())), flush=True)
-    jobs = plan_jobs(todo, composer, max_runs, args.queue, factors)
+    max_runs, jobs = plan_sweep(args, todo, extra, devices)
     sizes = [len(j["runs"]) for j in jobs]
     at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
     print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "

@@ -102,19 +102,26 @@ def bench_batches(spec: str, cfg, model_name: str, batch: int, device, data_dir,
     return task_batches(spec, tokenizer, batch, 8, device, data_dir, pad_multiple=pad_multiple)
 
 
+def compiled(model, compile_mode: str | None):
+    """`model` under torch.compile in `compile_mode` (None: as it is). A fresh model per row: compile caches start
+    empty, so the rows never hit the recompile limit."""
+    if not compile_mode:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, mode=compile_mode)
+
+
 def build_unipelt(base, method: str, device, compile_mode: str | None, frozen_dtype):
     from .config import preset
     from .model import PeltModel
 
-    if compile_mode:
-        torch._dynamo.reset()  # a fresh model per row: start from empty compile caches, never hit the recompile limit
     model = PeltModel(copy.deepcopy(base))
     model.add_task("bench", preset(method), 2)
     if frozen_dtype is not None and method != "finetune":
         model.encoder.to(frozen_dtype)
     model.to(device).train()
     params = list(model.trainable_named_parameters().values())
-    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    forward = compiled(model, compile_mode)
 
     def step_fn(batch):
         return forward(**batch).loss
@@ -139,9 +146,7 @@ def build_peft(base_cfg, method: str, device, compile_mode: str | None = None):
                                  encoder_hidden_size=512)
     model = get_peft_model(hf, cfg).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if compile_mode:
-        torch._dynamo.reset()
-    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    forward = compiled(model, compile_mode)
 
     def step_fn(batch):
         return forward(**batch).loss

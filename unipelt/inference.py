@@ -15,8 +15,6 @@ import torch
 from .training.batching import Encoded, eval_batches
 from .training.cuda_graph import DEFAULT_GRAPH_BUCKET, GraphedForward
 
-DEFAULT_BUCKET = DEFAULT_GRAPH_BUCKET  # the width multiple of graphed inference batches
-
 
 def logits_in_order(forward: Callable[[dict], torch.Tensor], data: Encoded, batch_size: int, pad_id: int, device,
                     pad_multiple: int | None = None) -> torch.Tensor:
@@ -57,7 +55,7 @@ def graphed_logits(model, data: Encoded, device, dtype: torch.dtype | None, buck
 
 
 def predict(model, data: Encoded, pad_id: int, batch_size: int = 64, device=None, mixed_precision: str = "no",
-            bucket: int = DEFAULT_BUCKET, cuda_graph: bool | None = None, fold: bool = True) -> torch.Tensor:
+            bucket: int = DEFAULT_GRAPH_BUCKET, cuda_graph: bool | None = None, fold: bool = True) -> torch.Tensor:
     """Logits (N, C) of the model's active task on `data`, in the data's order: the deployment path.
 
     `fold`: a prefix's MLP is replaced by its output first (`PeltModel.fold_prefix`; the model is done training:

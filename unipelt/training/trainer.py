@@ -208,7 +208,7 @@ class Trainer:
     def predict(self, data: Encoded, gate_stats: bool = False):
         """Predictions in the original order (and mean gate value per layer per submodule if asked). Under
         train.cuda_graph the forwards (not the gate statistics) replay one graph per bucket width."""
-        from ..inference import DEFAULT_BUCKET, logits_in_order
+        from ..inference import logits_in_order
 
         model = self.raw
         model.eval()
@@ -226,7 +226,7 @@ class Trainer:
                     sums[name] = sums.get(name, 0) + torch.stack([g.float().sum() for g in per_layer])
             return logits
 
-        bucket = (self.settings.graph_bucket or DEFAULT_BUCKET) if graphed is not None else None
+        bucket = (self.settings.graph_bucket or DEFAULT_GRAPH_BUCKET) if graphed is not None else None
         outputs = logits_in_order(forward, data, self.settings.eval_batch_size, self.pad_id, device, bucket)
         preds = outputs.squeeze(-1).numpy() if self.spec.is_regression else outputs.argmax(-1).numpy()
         gates = {name: (s.cpu() / len(data)).tolist() for name, s in sums.items()}
@@ -234,7 +234,7 @@ class Trainer:
 
     def _graphed_eval(self, data: Encoded) -> GraphedForward | None:
         """One GraphedForward per split and fit under train.cuda_graph (its graphs read the live weights)."""
-        from ..inference import DEFAULT_BUCKET, graphed_logits
+        from ..inference import graphed_logits
 
         s = self.settings
         if not s.cuda_graph or self.accelerator.num_processes > 1:
@@ -243,7 +243,7 @@ class Trainer:
         if id(data) not in graphs:
             dtype = torch.bfloat16 if s.mixed_precision == "bf16" else None
             graphs[id(data)] = (data, graphed_logits(self.raw, data, self.accelerator.device, dtype,
-                                                     s.graph_bucket or DEFAULT_BUCKET))
+                                                     s.graph_bucket or DEFAULT_GRAPH_BUCKET))
         return graphs[id(data)][1]
 
     def evaluate(self, data: Encoded, split: str | None = None, gate_stats: bool = False):
