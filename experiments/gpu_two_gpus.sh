@@ -19,20 +19,15 @@ dir=.sweep/two/gpus$GPUS; rm -rf "$dir"; mkdir -p "$dir"
 nvidia-smi -i "$visible" --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 \
   > "$out/util_gpus$GPUS.txt" &
 smi=$!
-# MPS=1: run the sweep's processes under NVIDIA MPS, so that kernels of the group and solo processes run side by side
-# on the GPU instead of time-slicing it (each grouped kernel of a small encoder fills only part of the GPU)
-if [ "${MPS:-0}" = 1 ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p /tmp/mps_pipe /tmp/mps_log && nvidia-cuda-mps-control -d && echo "MPS daemon started"
-fi
+# MPS=1: the sweep runs its processes under NVIDIA MPS (sweep.py --mps starts and stops the daemon), so that kernels
+# of the group and solo processes run side by side on the GPU instead of time-slicing it
 t0=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiments/sweep.py --runs-dir "$dir" \
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
-  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" --log "$out/log_gpus$GPUS.jsonl" \
+  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" $([ "${MPS:-0}" = 1 ] && echo --mps) --log "$out/log_gpus$GPUS.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi
-[ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control
 grep -v "Loading weights" "$out/sweep_gpus$GPUS.txt" | tail -n 4
 python3 experiments/throughput_row.py "$dir" "$t0" "$t1" --k "$K" --mode grouped --gpus "$GPUS" --device "$dev" \
   --util "$out/util_gpus$GPUS.txt" | tee "$out/row_gpus$GPUS.json"

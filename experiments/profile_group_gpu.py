@@ -8,7 +8,10 @@ then every run's dev evaluation). Prints a Markdown table, one row per group siz
     python experiments/profile_group_gpu.py --model .dev/minilm --data .dev/glue --task sst2 --k 100 --runs 1,8,32
 
 Columns: train ms and eval ms per epoch (wall, synchronised); GPU busy = CUDA kernel time / wall time of one
-profiled epoch (torch.profiler); kernels per training step; host syncs per epoch (torch.cuda sync debug mode).
+profiled epoch (torch.profiler); kernels per epoch; host syncs per epoch (torch.cuda sync debug mode); the GPU ms of
+drawing one step's dropout noise; GPU kernel ms per run and epoch (training + dev evaluation: what bounds a sweep
+whose processes keep the GPU busy). `--random-weights` builds the encoder from --model's config.json: a timing run
+then needs only the config and tokenizer files on the device.
 """
 from __future__ import annotations
 
@@ -35,7 +38,14 @@ def build(args, R: int, device):
 
     spec = get_task(args.task)
     tokenizer = load_tokenizer(args.model)
-    model = PeltModel(load_encoder(args.model)).to(device)
+    if args.random_weights:  # the model's shape from its config.json, random weights: timing only, no weights to carry
+        from transformers import AutoConfig, AutoModel
+
+        torch.manual_seed(0)
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(args.model))
+    else:
+        encoder = load_encoder(args.model)
+    model = PeltModel(encoder).to(device)
     tmp = Path(tempfile.mkdtemp())
     runs = []
     for i in range(R):
@@ -88,13 +98,33 @@ def measure(args, R: int, device) -> dict:
         wall = time.perf_counter() - t0
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     kernel_s = sum(e.device_time for e in kernels) / 1e6
-    top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    noise_ms = time_noise(trainer, live, device)
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
     return {"R": R, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
-            "kernels": len(kernels), "syncs": syncs, "where": where, "top": top,
+            "kernels": len(kernels), "syncs": syncs, "noise_ms": noise_ms, "kernel_ms": 1000 * kernel_s, "where": where, "top": top,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def time_noise(trainer, live, device, n: int = 20) -> float:
+    """GPU ms of drawing one training step's dropout noise (NoiseBatch: every run's rows at the full max length)."""
+    from unipelt.grouping.noise import NoiseBatch
+
+    streams = [r.noise for r in live]
+    rows = [r.settings.batch_size for r in live]
+    prefix = ["prefix" in trainer.model.tasks[r.name].methods for r in live]
+    make = lambda: NoiseBatch(trainer.engine.noise_layout, streams, rows, prefix, max(rows), device)  # noqa: E731
+    make()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        make()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
 
 
 def attention_table() -> None:
@@ -146,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--top", action="store_true", help="print the profiler's top kernels for each size")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the encoder from --model's config.json with random weights (a timing run needs no weights)")
     p.add_argument("--attention", action="store_true", help="also time the attention kernels at eval shapes")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -154,11 +186,12 @@ def main(argv=None) -> None:
     rows = [measure(args, int(r), device) for r in args.runs.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, {args.task} K={args.k}, {args.precision}, batch 16, "
           f"dev 1000 (eval batch 256 per run)\n")
-    print("| runs | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| runs | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
+          "| noise ms/step | GPU ms per run-epoch |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['R']} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
-              f"| {r['busy']:.0f} | {r['kernels']} | {r['syncs']} | {r['peak_gb']:.1f} |")
+              f"| {r['busy']:.0f} | {r['kernels']} | {r['syncs']} | {r['peak_gb']:.1f} | {r['noise_ms']:.2f} | {r['kernel_ms'] / r['R']:.1f} |")
     for r in rows:
         print(f"\nR={r['R']}: sync sites {r['where']}")
         if args.top:

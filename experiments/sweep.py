@@ -19,6 +19,7 @@ stops new work from starting (for time-limited jobs); work in flight finishes an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -230,6 +231,18 @@ def task_factors_from(runs_dirs: list[str]) -> dict:
     return {(task, k): value / statistics.mean(per_k[k]) for (task, k), value in mean.items() if value > 0}
 
 
+def physical_gpu(device: str, visible: str | None) -> str:
+    """What a worker for `device` (cuda:N, numbered among the sweep's visible GPUs) sets CUDA_VISIBLE_DEVICES to:
+    the N-th entry of the sweep's own CUDA_VISIBLE_DEVICES if it has one (cuda:1 under "2,3" is GPU 3), else N."""
+    index = int(device.split(":", 1)[1])
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else []
+    if not entries:
+        return str(index)
+    if index >= len(entries):
+        raise ValueError(f"device {device} is not among the {len(entries)} visible GPUs (CUDA_VISIBLE_DEVICES={visible})")
+    return entries[index]
+
+
 def slots(devices: list[str], workers_per_device: int) -> list[str]:
     """One entry per worker process: the device it trains on, spread round-robin over devices."""
     return [d for _ in range(workers_per_device) for d in devices]
@@ -260,7 +273,7 @@ def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worke
     """A worker process on one device: take jobs until the queue says stop."""
     slot_device = device  # as planned (cuda:1), for the log; the process itself sees only that GPU, as cuda
     if device.startswith("cuda:"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         device = "cuda"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # several processes share a GPU: growable segments return less fragmented memory between groups
@@ -416,6 +429,25 @@ def run_packed(args, todo: list[list[str]], extra: list[str], start: float, log)
     return finished
 
 
+@contextlib.contextmanager
+def sweep_mps(args):
+    """The MPS daemon of --mps for the sweep's devices, up for the whole sweep (nothing without --mps); a clear exit,
+    before any work starts, when MPS cannot be had."""
+    if not args.mps:
+        yield
+        return
+    from unipelt.grouping.mps import MPSError, mps_daemon
+
+    stack = contextlib.ExitStack()
+    try:
+        pipe = stack.enter_context(mps_daemon(visible_devices(args.devices)))
+    except MPSError as err:
+        raise SystemExit(f"--mps: {err}") from None
+    with stack:
+        print(f"MPS daemon started (pipe {pipe})" if pipe else "MPS: the daemon of CUDA_MPS_PIPE_DIRECTORY", flush=True)
+        yield
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", required=True)
@@ -439,6 +471,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new work starts")
     p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
     p.add_argument("--log", default=None, help="append one JSON line per finished run here")
+    p.add_argument("--mps", action="store_true", help="run the workers under an NVIDIA MPS daemon that the sweep starts "
+                   "and stops (their kernels share each GPU instead of time-slicing it; results do not change)")
     p.add_argument("--dry-run", action="store_true", help="grouped: print the plan and how its groups balance over "
                    "1, 2 and the visible devices, then stop (nothing trains)")
     args = p.parse_args(argv)
@@ -460,7 +494,10 @@ def main(argv=None) -> int:
             log_file.flush()
 
     start = time.perf_counter()  # the deadline counts from here, not from the scan for finished runs
-    finished = (run_grouped if args.mode == "grouped" else run_packed)(args, todo, extra, start, log) if todo else []
+    finished = []
+    if todo:
+        with sweep_mps(args):
+            finished = (run_grouped if args.mode == "grouped" else run_packed)(args, todo, extra, start, log)
     elapsed = time.perf_counter() - start
     complete = [r for r in finished if r["status"] == "complete"]
     errors = [r for r in finished if r["status"].startswith("error")]
