@@ -357,12 +357,30 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
               f"{sum(s == 'complete' for s in result['statuses'])} complete in {result['wall_s']:.1f}s", flush=True)
     for q in queues:
         q.put(None)
-    for w in workers:
-        w.join(timeout=30)
+    stop_workers(workers)
     not_started = sum(len(j["runs"]) for j in pending)
     if not_started:
         print(f"{not_started} runs not started (deadline)", flush=True)
     return finished
+
+
+def stop_workers(workers, grace_s: float = 20.0) -> None:
+    """Let idle workers exit, and end those that have not within `grace_s` in all. Every job's result is in by now
+    (the records are written before a worker reports), so nothing is lost; a process that hangs on its way out (seen
+    under MPS: the sweep then waited 30 s per worker) must not hold up the sweep or the MPS daemon's shutdown."""
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        w.join(timeout=max(deadline - time.monotonic(), 0.0))
+    late = [w for w in workers if w.is_alive()]
+    for w in late:
+        w.terminate()
+    for w in late:
+        w.join(timeout=5)
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    if late:
+        print(f"{len(late)} idle worker(s) did not exit within {grace_s:.0f}s and were stopped", flush=True)
 
 
 def _auto_max_runs(devices, workers_per_device, todo, composer) -> int:

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
+import multiprocessing as mp
+import time
+
+from unipelt.grouping import mps
 from unipelt.grouping.mps import PIPE_ENV, MPSError, mps_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_control(tmp_path: Path, fail: bool = False) -> Path:
+def fake_control(tmp_path: Path, fail: bool = False, hang_on_quit: bool = False) -> Path:
     """An executable that appends its arguments, stdin and MPS/GPU environment to calls.log."""
     log = tmp_path / "calls.log"
     script = tmp_path / "nvidia-cuda-mps-control"
@@ -22,6 +26,7 @@ def fake_control(tmp_path: Path, fail: bool = False) -> Path:
 input=""
 [ "$1" = "-d" ] || input=$(cat)
 echo "args=$* stdin=$input pipe=$CUDA_MPS_PIPE_DIRECTORY gpus=$CUDA_VISIBLE_DEVICES" >> {log}
+{'[ "$1" = "-d" ] || sleep 30' if hang_on_quit else ''}
 {'echo "cannot start: permission denied" >&2; exit 3' if fail else 'exit 0'}
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -82,3 +87,38 @@ def test_sweep_workers_pin_the_right_physical_gpu_and_mps_on_cpu_stops_the_sweep
     with pytest.raises(SystemExit, match="--mps: MPS shares CUDA GPUs"):
         with sweep.sweep_mps(args):
             pytest.fail("the sweep must not start")
+
+
+def test_a_daemon_that_will_not_quit_warns_and_does_not_hang_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.delenv(PIPE_ENV, raising=False)
+    monkeypatch.setattr(mps, "QUIT_TIMEOUT_S", 1)
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="did not quit within 1 s"):
+        with mps_daemon(["cuda:0"], control=str(fake_control(tmp_path, hang_on_quit=True))) as pipe:
+            pass
+    assert time.monotonic() - t0 < 10
+    assert PIPE_ENV not in os.environ and pipe.is_dir()  # the daemon may still use its pipe: kept
+
+
+def _exits() -> None:
+    return None
+
+
+def _hangs() -> None:
+    time.sleep(600)
+
+
+def test_idle_workers_that_hang_on_exit_are_stopped_after_the_grace_time(capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import sweep
+
+    ctx = mp.get_context("fork")
+    workers = [ctx.Process(target=_exits), ctx.Process(target=_hangs), ctx.Process(target=_hangs)]
+    for w in workers:
+        w.start()
+    t0 = time.monotonic()
+    sweep.stop_workers(workers, grace_s=1.0)
+    assert time.monotonic() - t0 < 15
+    assert not any(w.is_alive() for w in workers)
+    assert workers[0].exitcode == 0 and workers[1].exitcode != 0
+    assert "2 idle worker(s) did not exit within 1s and were stopped" in capsys.readouterr().out

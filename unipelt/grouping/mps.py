@@ -15,10 +15,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV, LOG_ENV = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
+QUIT_TIMEOUT_S = 30
 
 
 class MPSError(RuntimeError):
@@ -57,10 +59,17 @@ def mps_daemon(devices: list[str], control: str = CONTROL):
     try:
         yield Path(env[PIPE_ENV])
     finally:
-        subprocess.run([binary], input="quit\n", env=daemon_env, capture_output=True, text=True)
+        try:  # quit waits for the daemon's clients to exit; a hung one must not hang the caller
+            subprocess.run([binary], input="quit\n", env=daemon_env, capture_output=True, text=True,
+                           timeout=QUIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            warnings.warn(f"the MPS daemon did not quit within {QUIT_TIMEOUT_S} s (a client still attached?); "
+                          f"stop it with: CUDA_MPS_PIPE_DIRECTORY={env[PIPE_ENV]} {control} <<< quit")
+            root = None  # its pipe directory stays: the daemon still uses it
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(root, ignore_errors=True)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
