@@ -11,7 +11,8 @@ out=${OUT:-side_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 K=${K:-100}
 WINDOW=${WINDOW:-200}   # seconds after which no new work starts (work in flight finishes)
-common=(--ks "$K" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
+# MPS=auto|on: the sweep under NVIDIA MPS (sweep.py --mps); default off, as in the rows measured before it
+common=(--mps "${MPS:-off}" --ks "$K" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
         --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false --deadline "$WINDOW")
 ngpu=$(nvidia-smi -L | wc -l)
 CONCURRENT=${CONCURRENT:-$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)}

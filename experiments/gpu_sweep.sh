@@ -12,7 +12,8 @@ set -u
 out=${OUT:-sweep_out}; mkdir -p "$out"
 runs=experiments/results/low_resource_minilm/runs
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-common=(--runs-dir "$runs" --set group.enabled=false --set model.path=.dev/minilm --set data.dir=.dev/glue --log "$out/sweep_log.jsonl"
+# MPS=auto|on: the sweep under NVIDIA MPS (sweep.py --mps); default off, as in the rows measured before it
+common=(--mps "${MPS:-off}" --runs-dir "$runs" --set group.enabled=false --set model.path=.dev/minilm --set data.dir=.dev/glue --log "$out/sweep_log.jsonl"
         --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false)
 budget=${BUDGET:-560}; margin=${MARGIN:-200}
 if [ "${P1:-0}" != 0 ]; then

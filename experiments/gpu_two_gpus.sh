@@ -19,12 +19,14 @@ dir=.sweep/two/gpus$GPUS; rm -rf "$dir"; mkdir -p "$dir"
 nvidia-smi -i "$visible" --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 \
   > "$out/util_gpus$GPUS.txt" &
 smi=$!
-# MPS=1: the sweep runs its processes under NVIDIA MPS (sweep.py --mps starts and stops the daemon), so that kernels
-# of the group and solo processes run side by side on the GPU instead of time-slicing it
+# MPS=1: the sweep runs its processes under NVIDIA MPS (sweep.py --mps on starts the daemon and asks it to quit after),
+# so that kernels of the group and solo processes run side by side on the GPU instead of time-slicing it; MPS=auto|on|off
+# too; default off (as the rows measured before MPS was the sweep's default)
+mps=${MPS:-off}; [ "$mps" = 1 ] && mps=on; [ "$mps" = 0 ] && mps=off
 t0=$(date +%s.%N)
 CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiments/sweep.py --runs-dir "$dir" \
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
-  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" $([ "${MPS:-0}" = 1 ] && echo --mps) --log "$out/log_gpus$GPUS.jsonl" \
+  --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" --mps "$mps" --log "$out/log_gpus$GPUS.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
   --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false > "$out/sweep_gpus$GPUS.txt" 2>&1
 t1=$(date +%s.%N); kill $smi

@@ -449,18 +449,25 @@ def run_packed(args, todo: list[list[str]], extra: list[str], start: float, log)
 
 @contextlib.contextmanager
 def sweep_mps(args):
-    """The MPS daemon of --mps for the sweep's devices, up for the whole sweep (nothing without --mps); a clear exit,
-    before any work starts, when MPS cannot be had."""
-    if not args.mps:
+    """The sweep's MPS daemon (--mps), up for the whole sweep. `on` and MPS unavailable: a clear exit before any work
+    starts; `auto` and unavailable: plain processes (said when the devices are GPUs)."""
+    if args.mps == "off":
         yield
         return
-    from unipelt.grouping.mps import MPSError, mps_daemon
+    from unipelt.grouping.mps import MPSError, mps_available, mps_daemon
 
+    devices = visible_devices(args.devices)
+    reason = mps_available(devices)
+    if reason is not None and args.mps == "auto":
+        if any(d.startswith("cuda") for d in devices):
+            print(f"MPS off: {reason}", flush=True)
+        yield
+        return
     stack = contextlib.ExitStack()
     try:
-        pipe = stack.enter_context(mps_daemon(visible_devices(args.devices)))
+        pipe = stack.enter_context(mps_daemon(devices))
     except MPSError as err:
-        raise SystemExit(f"--mps: {err}") from None
+        raise SystemExit(f"--mps on: {err}") from None
     with stack:
         print(f"MPS daemon started (pipe {pipe})" if pipe else "MPS: the daemon of CUDA_MPS_PIPE_DIRECTORY", flush=True)
         yield
@@ -489,8 +496,10 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no new work starts")
     p.add_argument("--set", action="append", default=[], help="extra Hydra override for every run (repeatable)")
     p.add_argument("--log", default=None, help="append one JSON line per finished run here")
-    p.add_argument("--mps", action="store_true", help="run the workers under an NVIDIA MPS daemon that the sweep starts "
-                   "and stops (their kernels share each GPU instead of time-slicing it; results do not change)")
+    p.add_argument("--mps", choices=("auto", "on", "off"), default="auto",
+                   help="run the workers under an NVIDIA MPS daemon that the sweep starts (their kernels share each GPU "
+                   "instead of time-slicing it; results do not change): auto = on when every device is a CUDA GPU and "
+                   "nvidia-cuda-mps-control is on PATH; on = required (error otherwise); off")
     p.add_argument("--dry-run", action="store_true", help="grouped: print the plan and how its groups balance over "
                    "1, 2 and the visible devices, then stop (nothing trains)")
     args = p.parse_args(argv)
