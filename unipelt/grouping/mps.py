@@ -6,17 +6,17 @@ thousands of kernels that each fill only part of the GPU. Under MPS the processe
 kernels run side by side. Kernels and their order per process do not change, so neither do the results.
 
 `mps_daemon` starts a control daemon for the duration of a block and asks it to quit after, whatever happens
-inside; processes started inside the block (they inherit the environment) are its clients. Measured: the 200-run
-K=100 MiniLM sweep's work ended 1.19x (H100) and 1.25x (H200) sooner, with identical records
-(experiments/results/bench/mps_k100/).
+inside; processes started inside the block (they inherit the environment) are its clients. Measured on one GPU, the
+same MiniLM sweep with MPS off and on: its work ended 1.19-1.29x sooner (H100, H200; K=100 and K=500), every record
+identical (experiments/results/bench/mps/).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
-import logging
 import tempfile
 from pathlib import Path
 
@@ -36,7 +36,7 @@ def mps_available(devices: list[str], control: str = CONTROL) -> str | None:
     if not_cuda:
         return (f"MPS shares CUDA GPUs between processes; devices {not_cuda} are not CUDA devices "
                 "(leave --mps off on CPU)")
-    if os.environ.get(PIPE_ENV) is None and shutil.which(control) is None:
+    if not os.environ.get(PIPE_ENV) and shutil.which(control) is None:
         return f"{control!r} is not on PATH: MPS needs the NVIDIA driver's MPS tools (or leave --mps off)"
     return None
 
