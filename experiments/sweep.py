@@ -29,6 +29,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from unipelt.grouping.pool import maybe_mps, physical_gpu, visible_devices
+
 
 def grid(args) -> list[list[str]]:
     runs = []
@@ -93,16 +95,6 @@ def done_filter(runs_dir: Path, extra: list[str]):
 
 
 # --- planning (pure: tested on CPU for several devices) -------------------------------------------------------
-def visible_devices(spec: str) -> list[str]:
-    """`auto`: every visible CUDA device (cuda:0, cuda:1, ...), else cpu; or an explicit comma list."""
-    if spec != "auto":
-        return [d.strip() for d in spec.split(",") if d.strip()]
-    import torch
-
-    n = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-
-
 def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None,
               task_factors: dict | None = None) -> list[dict]:
     """Jobs (largest first): each a compatible group of up to `queued` runs (default max_runs) trained `max_runs`
@@ -229,18 +221,6 @@ def task_factors_from(runs_dirs: list[str]) -> dict:
     for (task, k), value in mean.items():
         per_k[k].append(value)
     return {(task, k): value / statistics.mean(per_k[k]) for (task, k), value in mean.items() if value > 0}
-
-
-def physical_gpu(device: str, visible: str | None) -> str:
-    """What a worker for `device` (cuda:N, numbered among the sweep's visible GPUs) sets CUDA_VISIBLE_DEVICES to:
-    the N-th entry of the sweep's own CUDA_VISIBLE_DEVICES if it has one (cuda:1 under "2,3" is GPU 3), else N."""
-    index = int(device.split(":", 1)[1])
-    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else []
-    if not entries:
-        return str(index)
-    if index >= len(entries):
-        raise ValueError(f"device {device} is not among the {len(entries)} visible GPUs (CUDA_VISIBLE_DEVICES={visible})")
-    return entries[index]
 
 
 def slots(devices: list[str], workers_per_device: int) -> list[str]:
@@ -451,25 +431,21 @@ def run_packed(args, todo: list[list[str]], extra: list[str], start: float, log)
 def sweep_mps(args):
     """The sweep's MPS daemon (--mps), up for the whole sweep. `on` and MPS unavailable: a clear exit before any work
     starts; `auto` and unavailable: plain processes (said when the devices are GPUs)."""
-    if args.mps == "off":
-        yield
-        return
-    from unipelt.grouping.mps import MPSError, mps_available, mps_daemon
+    from unipelt.grouping.mps import PIPE_ENV, MPSError, mps_available
 
     devices = visible_devices(args.devices)
-    reason = mps_available(devices)
-    if reason is not None and args.mps == "auto":
-        if any(d.startswith("cuda") for d in devices):
-            print(f"MPS off: {reason}", flush=True)
-        yield
-        return
     stack = contextlib.ExitStack()
     try:
-        pipe = stack.enter_context(mps_daemon(devices))
+        pipe = stack.enter_context(maybe_mps(devices, args.mps))
     except MPSError as err:
         raise SystemExit(f"--mps on: {err}") from None
     with stack:
-        print(f"MPS daemon started (pipe {pipe})" if pipe else "MPS: the daemon of CUDA_MPS_PIPE_DIRECTORY", flush=True)
+        if pipe is not None:
+            print(f"MPS daemon started (pipe {pipe})", flush=True)
+        elif args.mps != "off" and os.environ.get(PIPE_ENV):
+            print(f"MPS: the daemon of {PIPE_ENV}", flush=True)
+        elif args.mps != "off" and any(d.startswith("cuda") for d in devices):
+            print(f"MPS off: {mps_available(devices)}", flush=True)
         yield
 
 

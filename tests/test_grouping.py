@@ -400,6 +400,19 @@ def test_a_multirun_is_grouped_and_its_records_say_so_and_report_like_any_other(
     assert len(loaded.records) == 6
 
 
+@pytest.mark.slow
+def test_the_hydra_multirun_spreads_its_jobs_over_the_launchers_devices(tmp_path):
+    runs = tmp_path / "runs"
+    proc = cli(["-m", *TINY, "method=lora,adapter,finetune", "data.seed=111", "train.epochs=1",
+                "hydra.launcher.devices=[cpu,cpu]"], runs)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "2 device(s) x 1 worker(s): cpu, cpu" in out + err
+    recs = {r["method"]: r for r in (json.loads(p.read_text()) for p in runs.glob("*/record.json"))}
+    assert sorted(recs) == ["adapter", "finetune", "lora"] and {r["status"] for r in recs.values()} == {"complete"}
+    assert recs["lora"]["group_size"] == recs["adapter"]["group_size"] == 2  # one group job, and finetune alone
+
+
 def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import sweep
@@ -630,3 +643,45 @@ def test_a_dry_run_prints_the_plan_and_how_it_balances_and_trains_nothing(tmp_pa
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing trained
     with pytest.raises(SystemExit, match="--dry-run plans grouped sweeps; got --mode packed"):
         sweep.main([*argv, "--mode", "packed"])
+
+
+@pytest.mark.slow
+def test_a_multirun_on_worker_processes_trains_every_run_as_in_one_process(tmp_path, monkeypatch):
+    """devices=cpu,cpu: the groups and the run that trains alone go to worker processes (grouping/pool.py), largest
+    first; every record equals the one the same runs get in this process (CPU fp32), group sizes included."""
+    from unipelt.grouping import pool, runner
+
+    def cfgs(runs_dir):
+        return [config(*TINY, f"method={m}", "train.epochs=2", f"data.seed={seed}", f"output.runs_dir={runs_dir}",
+                       "output.save_modules=false", "group.max_runs=2")
+                for m, seed in (("lora", 111), ("unipelt_apl", 222), ("adapter", 333), ("finetune", 444))]
+
+    here = runner.execute_many(cfgs(tmp_path / "here"))
+    dispatched = []
+    real_run_jobs = pool.run_jobs
+
+    def spy(jobs, devices, workers_per_device=1, mps="auto"):
+        dispatched.append(([len(j.cfgs) for j in jobs], [j.slots for j in jobs], devices, mps))
+        return real_run_jobs(jobs, devices, workers_per_device, mps)
+
+    monkeypatch.setattr(pool, "run_jobs", spy)
+    pooled = runner.execute_many(cfgs(tmp_path / "pooled"), devices=["cpu", "cpu"], workers_per_device=1, mps="auto")
+    assert dispatched == [([2, 1, 1], [2, 2, 1], ["cpu", "cpu"], "auto")]  # groups of 2 (lora+apl, adapter) + finetune
+    assert [o.status for o in pooled] == [o.status for o in here] == ["complete"] * 4
+    for a, b in zip(here, pooled):
+        assert a.run_id == b.run_id
+        for key in ("test_score", "dev_score", "best_epoch", "epochs_run", "group_size"):
+            assert a.record[key] == pytest.approx(b.record[key], abs=1e-6), key
+    assert len(list((tmp_path / "pooled").glob("*/record.json"))) == 4
+
+
+def test_a_broken_worker_job_is_an_error_for_its_runs_and_bad_pool_settings_are_clear():
+    from unipelt.grouping.pool import Job, maybe_mps, run_jobs
+
+    (outcomes,) = run_jobs([Job(["not a config"], None, 1)], ["cpu"])
+    assert [o.status for o in outcomes] == ["error"] and "worker on cpu failed" in outcomes[0].message
+    with pytest.raises(ValueError, match="workers_per_device must be at least 1, got 0"):
+        run_jobs([], ["cpu"], workers_per_device=0)
+    with pytest.raises(ValueError, match="mps must be auto, on or off, got 'yes'"):
+        with maybe_mps(["cuda:0"], "yes"):
+            pass

@@ -3,6 +3,8 @@ compatible ones together through one frozen encoder (unipelt/grouping/runner.py)
 
     unipelt -m task=rte,sst2 method=lora,adapter,unipelt_apl data.seed=111,222,333   # grouped (the default)
     unipelt -m hydra/launcher=basic ...                                             # one job after another
+    unipelt -m ... hydra.launcher.workers_per_device=4          # 4 worker processes per GPU (every visible GPU)
+    unipelt -m ... hydra.launcher.devices=[cuda:0,cuda:1]       # only these devices
 
 A job whose run fails or has a bad setting does not stop the others; Hydra reports it and exits 1 at the end.
 """
@@ -11,7 +13,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
@@ -24,15 +26,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class GroupedLauncherConf:
     _target_: str = "hydra_plugins.unipelt_grouped.grouped_launcher.GroupedLauncher"
-    device: Optional[str] = None  # null: the first CUDA device, else CPU
+    device: Optional[str] = None  # one device for everything (cuda:1, cpu); null: see devices
+    devices: Any = "auto"  # auto: every visible GPU (else CPU); or a list: [cuda:0,cuda:1]
+    workers_per_device: int = 1  # worker processes per device; more than one worker in all: jobs run in workers
+    mps: str = "auto"  # workers on GPUs under NVIDIA MPS: auto (where available) | on | off
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="grouped", node=GroupedLauncherConf, provider="unipelt")
 
 
 class GroupedLauncher(Launcher):
-    def __init__(self, device: Optional[str] = None) -> None:
+    def __init__(self, device: Optional[str] = None, devices: Any = "auto", workers_per_device: int = 1,
+                 mps: str = "auto") -> None:
         self.device = device
+        self.devices = devices
+        self.workers_per_device = workers_per_device
+        self.mps = mps
         self.config = None
         self.hydra_context = None
         self.task_function = None
@@ -61,7 +70,18 @@ class GroupedLauncher(Launcher):
                 del task_config["hydra"]
             sweep_configs.append(sweep_config)
             task_configs.append(task_config)
-        outcomes = execute_many(task_configs, overrides=[list(o) for o in job_overrides], device=self.device)
+        from unipelt.grouping.pool import visible_devices
+
+        if self.device:
+            devices = [self.device]
+        elif isinstance(self.devices, str):
+            devices = visible_devices(self.devices)
+        else:  # a list from the command line: hydra.launcher.devices=[cuda:0,cuda:1]
+            devices = [str(d) for d in self.devices]
+        if len(devices) * self.workers_per_device > 1:
+            log.info(f"{len(devices)} device(s) x {self.workers_per_device} worker(s): {', '.join(devices)}")
+        outcomes = execute_many(task_configs, overrides=[list(o) for o in job_overrides], device=devices[0],
+                                devices=devices, workers_per_device=self.workers_per_device, mps=self.mps)
         returns = []
         for overrides, sweep_config, task_config, outcome in zip(job_overrides, sweep_configs, task_configs, outcomes):
             ret = JobReturn(overrides=list(overrides), cfg=task_config, hydra_cfg=sweep_config,

@@ -121,16 +121,20 @@ def estimate_run_bytes(p: RunPlan, model_cfg=None) -> int:
 
 
 def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = None, device: str | None = None,
-                 max_runs: int | None = None, progress: bool | None = None, queue: int | None = None
+                 max_runs: int | None = None, progress: bool | None = None, queue: int | None = None,
+                 devices: list[str] | None = None, workers_per_device: int = 1, mps: str = "auto"
                  ) -> list[Outcome]:
     """Run every config; groupable runs in groups, the rest alone. Never raises for one run's problem: each
     config gets an Outcome (bad settings: 'error' with the message, nothing touched). A group trains `max_runs`
     runs at once (group.max_runs; automatic from memory) out of up to `queue` (group.queue; default max_runs): the
-    others wait and take the slots of runs that stop."""
+    others wait and take the slots of runs that stop. `devices` with more than one worker in all (several devices,
+    or `workers_per_device` > 1): the groups and lone runs go to worker processes on those devices (pool.py; `mps`
+    auto | on | off), each trained as it would be here; otherwise everything runs in this process on `device`."""
     from ..run import USER_ERRORS, _message, _skip_complete, execute_single
 
     outcomes: list[Outcome | None] = [None] * len(cfgs)
     grouped: list[tuple[int, RunPlan]] = []
+    alone: list[tuple[int, RunPlan]] = []
     model_cfg = None  # the encoder's config, read by preflight: sizes groups from the real encoder's shape
     for i, cfg in enumerate(cfgs):
         try:
@@ -148,15 +152,28 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
             outcomes[i] = Outcome(None, "error", message=_message(err))
             continue
         log.info("%s trains alone: %s", p.run_id, reason)
-        outcomes[i] = _run_alone(cfg, p, execute_single)
+        alone.append((i, p))
+    pooled = devices is not None and len(devices) * workers_per_device > 1
+    if not pooled:
+        for i, p in alone:
+            outcomes[i] = _run_alone(cfgs[i], p, execute_single)
     if grouped:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        first_device = devices[0] if pooled else device
+        dev = torch.device(first_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plans = [p for _, p in grouped]
         first_cfg = cfgs[grouped[0][0]]
         limit = max_runs or _group_setting(first_cfg, "max_runs") or auto_max_runs(plans, dev, model_cfg)
         total = max(limit, queue or _group_setting(first_cfg, "queue") or limit)
         index = {id(p): i for i, p in grouped}
-        for members in partition(plans, total):
+        groups = partition(plans, total)
+    else:
+        limit, index, groups = 1, {}, []
+    if pooled:
+        _run_pooled(cfgs, overrides, outcomes, [[index[id(p)] for p in g] for g in groups], [i for i, _ in alone],
+                    limit, devices, workers_per_device, mps)
+        return outcomes
+    if grouped:
+        for members in groups:
             show = progress if progress is not None else bool(cfgs[index[id(members[0])]].output.progress)
             try:
                 results = run_group(members, dev, show, slots=limit)
@@ -165,6 +182,22 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
             for p, outcome in zip(members, results):
                 outcomes[index[id(p)]] = outcome
     return outcomes
+
+
+def _run_pooled(cfgs, overrides, outcomes: list, groups: list[list[int]], alone: list[int], slots: int,
+                devices: list[str], workers_per_device: int, mps: str) -> None:
+    """The groups (config indices) and lone runs as jobs of worker processes (pool.run_jobs); fills `outcomes`."""
+    from .pool import Job, run_jobs
+
+    def job(indices: list[int], job_slots: int) -> Job:
+        return Job([cfgs[i] for i in indices], None if overrides is None else [list(overrides[i]) for i in indices],
+                   job_slots, cost=float(len(indices)))
+
+    plan_order = [(g, job(g, slots)) for g in groups] + [([i], job([i], 1)) for i in alone]
+    results = run_jobs([j for _, j in plan_order], devices, workers_per_device, mps)
+    for (indices, _), result in zip(plan_order, results):
+        for i, outcome in zip(indices, result):
+            outcomes[i] = outcome
 
 
 def _group_setting(cfg, name: str) -> int | None:
