@@ -7,13 +7,16 @@ packed:  one run after another in each of `--workers` processes on one device (t
          `--set group.enabled=false` for the per-run trainer exactly as before grouping existed; on a GPU also
          `--set train.cuda_graph=false`, since the default graphs the per-run trainer's steps there).
 
+On GPUs the worker processes run under NVIDIA MPS by default (`--mps auto|on|off`, unipelt/grouping/mps.py): their
+kernels share each GPU instead of time-slicing it; the records do not change.
+
 Runs whose complete record exists are skipped, so the same command finishes only what is missing. A deadline
 stops new work from starting (for time-limited jobs); work in flight finishes and writes its records.
 
     python experiments/sweep.py --runs-dir runs/low_resource --tasks cola,sst2,mrpc,stsb,rte --ks 100,500,1000 \
         --seeds 111,222,333,444,555 --methods finetune,bitfit,adapter,prefix,lora,unipelt_ap,unipelt_apl,unipelt_apl_nogate \
         [--mode grouped|packed] [--devices auto|cpu|cuda:0,cuda:1] [--workers-per-device 2] [--max-runs N] \
-        [--queue Q] [--costs-from RUNS_DIR] [--dry-run] \
+        [--queue Q] [--costs-from RUNS_DIR] [--mps auto|on|off] [--dry-run] \
         [--deadline SECONDS] [--set model.path=... ...]
 """
 from __future__ import annotations
