@@ -678,6 +678,7 @@ def test_a_multirun_on_worker_processes_trains_every_run_as_in_one_process(tmp_p
 def test_a_broken_worker_job_is_an_error_for_its_runs_and_bad_pool_settings_are_clear():
     from unipelt.grouping.pool import Job, maybe_mps, run_jobs
 
+    assert run_jobs([], ["cuda:0"], mps="on") == []  # nothing to do: no workers, no MPS daemon (none here to start)
     (outcomes,) = run_jobs([Job(["not a config"], None, 1)], ["cpu"])
     assert [o.status for o in outcomes] == ["error"] and "worker on cpu failed" in outcomes[0].message
     with pytest.raises(ValueError, match="workers_per_device must be at least 1, got 0"):

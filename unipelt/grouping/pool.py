@@ -86,6 +86,8 @@ def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, m
         raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
     if not devices:
         raise ValueError("no devices to run on")
+    if not jobs:  # everything was skipped or refused: no workers, no MPS daemon
+        return []
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
     results: list[list | None] = [None] * len(jobs)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
