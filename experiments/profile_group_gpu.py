@@ -115,13 +115,17 @@ def time_noise(trainer, live, device, n: int = 20) -> float:
     streams = [r.noise for r in live]
     rows = [r.settings.batch_size for r in live]
     prefix = ["prefix" in trainer.model.tasks[r.name].methods for r in live]
-    make = lambda: NoiseBatch(trainer.engine.noise_layout, streams, rows, prefix, max(rows), device)  # noqa: E731
-    make()
+    return gpu_ms(lambda: NoiseBatch(trainer.engine.noise_layout, streams, rows, prefix, max(rows), device), n)
+
+
+def gpu_ms(fn, n: int = 20) -> float:
+    """GPU milliseconds per call of `fn` (CUDA events around n calls, after one warm-up call)."""
+    fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
-        make()
+        fn()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
@@ -133,16 +137,8 @@ def attention_table() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def timed(fn, n=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n * 1000
+    def timed(fn):
+        return gpu_ms(fn) * 1000
 
     print("\n| rows | T | head dim | SDPA bool mask us | SDPA additive us | SDPA efficient us | explicit us |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
