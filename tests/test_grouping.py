@@ -686,3 +686,15 @@ def test_a_broken_worker_job_is_an_error_for_its_runs_and_bad_pool_settings_are_
     with pytest.raises(ValueError, match="mps must be auto, on or off, got 'yes'"):
         with maybe_mps(["cuda:0"], "yes"):
             pass
+
+
+def test_automatic_group_size_shares_a_gpus_memory_among_its_workers(monkeypatch, tmp_path):
+    from unipelt.grouping import runner
+
+    p = plan(config(*TINY, "method=lora", f"output.runs_dir={tmp_path}"))
+    per_run = runner.estimate_run_bytes(p)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * per_run, 100 * per_run))
+    cuda = torch.device("cuda")
+    assert runner.auto_max_runs([p], cuda) == 40  # half the free memory, one run's estimate each
+    assert runner.auto_max_runs([p], cuda, processes=4) == 10  # four workers' groups on that GPU at once
+    assert runner.auto_max_runs([p], torch.device("cpu"), processes=4) == runner.CPU_MAX_RUNS

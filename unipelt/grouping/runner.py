@@ -98,14 +98,15 @@ def split_evenly(members: list, size: int) -> list[list]:
     return groups
 
 
-def auto_max_runs(plans: list[RunPlan], device: torch.device, model_cfg=None) -> int:
-    """Runs per group from free device memory: activations of one run's training step (with its dropout noise)
-    estimated from the encoder's shape, times a safety factor; CPU groups stay at CPU_MAX_RUNS."""
+def auto_max_runs(plans: list[RunPlan], device: torch.device, model_cfg=None, processes: int = 1) -> int:
+    """Runs per group from free device memory, shared by `processes` groups training on it at once: activations of
+    one run's training step (with its dropout noise) estimated from the encoder's shape, times a safety factor; CPU
+    groups stay at CPU_MAX_RUNS."""
     if device.type != "cuda":
         return CPU_MAX_RUNS
     free, _ = torch.cuda.mem_get_info(device)
     per_run = max(estimate_run_bytes(p, model_cfg) for p in plans)
-    return max(1, min(GPU_MAX_RUNS, int(0.5 * free // per_run)))
+    return max(1, min(GPU_MAX_RUNS, int(0.5 * free / processes // per_run)))
 
 
 def estimate_run_bytes(p: RunPlan, model_cfg=None) -> int:
@@ -162,7 +163,8 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
         dev = torch.device(first_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plans = [p for _, p in grouped]
         first_cfg = cfgs[grouped[0][0]]
-        limit = max_runs or _group_setting(first_cfg, "max_runs") or auto_max_runs(plans, dev, model_cfg)
+        limit = max_runs or _group_setting(first_cfg, "max_runs") or auto_max_runs(
+            plans, dev, model_cfg, processes=workers_per_device if pooled else 1)  # pooled: the device's workers share it
         total = max(limit, queue or _group_setting(first_cfg, "queue") or limit)
         index = {id(p): i for i, p in grouped}
         groups = partition(plans, total)
