@@ -292,9 +292,10 @@ def test_runs_that_cannot_share_a_forward_are_split_never_merged():
         [*base, "model.num_layers=2"],                                     # another encoder
         [*base, "train.batch_size=8"],                                     # another batch size
         [*base, "method.pelt.methods.lora.r=4", "data.seed=333"],         # LoRA tensors of another shape
+        [*base, "train.deterministic=true", "data.seed=444"],             # torch's deterministic mode (per process)
     )]
     groups = partition(plans, max_runs=16)
-    assert [len(g) for g in groups] == [3, 1, 1, 1, 1, 1, 1, 1]
+    assert [len(g) for g in groups] == [3, 1, 1, 1, 1, 1, 1, 1, 1]
     assert [p.method for p in groups[0]] == ["lora", "adapter", "lora"]
     assert len(partition(plans[:3], max_runs=2)) == 2  # the size limit splits too
     # a set over the limit is split into near-equal groups, in order: 3 runs at 2 -> 2 + 1; 7 at 3 -> 3, 2, 2

@@ -63,7 +63,7 @@ def group_key(p: RunPlan) -> tuple:
     """What runs must share to go through one forward (method compatibility is checked on top of this)."""
     s = p.settings
     return (str(p.model_path), p.model_name, p.num_layers, p.spec.name, str(p.k), str(p.data_dir), p.dev_size,
-            p.max_length, s.batch_size, s.mixed_precision)
+            p.max_length, s.batch_size, s.mixed_precision, s.deterministic)  # deterministic: a process-wide mode
 
 
 def partition(plans: list[RunPlan], max_runs: int) -> list[list[RunPlan]]:

@@ -34,6 +34,7 @@ from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from ..training.batching import Encoded, epoch_order
 from ..training.checkpoint import Checkpointer, load_optimizer_state
+from ..training.determinism import deterministic_algorithms
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
 from .engine import GroupEngine
@@ -310,6 +311,10 @@ class GroupTrainer:
         stopped in it (best state loaded, `run.result` set), so their test evaluation and records can be written
         while the others train on. Diverged runs get status 'failed' and `run.failure` (a TrainingDiverged).
         Waiting runs take the free slots after each round (`_refill`)."""
+        with deterministic_algorithms(self.all_runs[0].settings.deterministic):  # one value per group (group_key)
+            self._fit(on_finished)
+
+    def _fit(self, on_finished) -> None:
         self._start()
         bar = tqdm(total=len(self.all_runs), desc=f"group of {len(self.all_runs)}", disable=not self.progress,
                    leave=False)

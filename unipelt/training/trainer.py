@@ -18,6 +18,7 @@ from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from .batching import Encoded, batches, epoch_order
 from .checkpoint import Checkpointer, load_optimizer_state
+from .determinism import deterministic_algorithms
 from .cuda_graph import DEFAULT_GRAPH_BUCKET, GraphedForward, GraphedTrainStep, capturable_adamw
 from .tracking import RunTracker, check_log_with
 
@@ -56,6 +57,8 @@ class TrainSettings:
     # short runs: a resumed run still continues bit-identically, from the last checkpoint written)
     inject_nan_at_step: int | None = None  # fault injection for tests: the loss becomes NaN at this step
     log_with: str | None = None  # experiment tracker: tensorboard | wandb | mlflow (tracking.py); log.csv always
+    deterministic: bool = False  # torch's deterministic kernels while training (determinism.py): on CUDA the
+    # attention backward of the per-run trainer is otherwise not bit-reproducible from one training to the next
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "check_every"):
@@ -74,8 +77,9 @@ class TrainSettings:
             raise ValueError(f"train.weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if not isinstance(self.compile, (bool, str)):
             raise ValueError(f"train.compile must be true, false or a torch.compile backend name, got {self.compile!r}")
-        if not isinstance(self.bucket, bool):
-            raise ValueError(f"train.bucket must be true or false, got {self.bucket!r}")
+        for name in ("bucket", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.cuda_graph, bool) or self.cuda_graph == "auto"):
             raise ValueError(f"train.cuda_graph must be true, false or auto, got {self.cuda_graph!r}")
         if self.graph_bucket is not None:
@@ -256,7 +260,8 @@ class Trainer:
         main = self.accelerator.is_main_process  # one tracker run per training run, on the main process
         tracker = RunTracker(self.settings.log_with if main else None, self.run_dir, self.run_dir.name, self.config)
         try:
-            return self._fit(tracker)
+            with deterministic_algorithms(self.settings.deterministic):
+                return self._fit(tracker)
         finally:
             tracker.close()
 
