@@ -115,3 +115,22 @@ def test_captured_inference_graphs_give_the_eager_logits_on_cuda(method):
     assert forward.replays > 0
     for got in (first, second, third):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixed_precision,tol", [("no", 1e-5), ("bf16", 2e-2)])
+def test_compiled_predict_with_frozen_weights_predicts_the_eager_logits_and_never_stale_weights(mixed_precision, tol):
+    """predict(compile=True): inductor with the weights folded in as constants gives the eager path's logits; a
+    second call after the weights change compiles anew and follows them (frozen constants must not go stale)."""
+    model = model_with("unipelt_apl")
+    randomize_(model.tasks)
+    data = _data(n=12)
+    want = predict(model, data, pad_id=0, batch_size=4, bucket=32, mixed_precision=mixed_precision)
+    got = predict(model, data, pad_id=0, batch_size=4, bucket=32, mixed_precision=mixed_precision, compile=True)
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    with torch.no_grad():
+        model.active.head.out.bias.add_(torch.tensor([3.0, -3.0]))
+    moved = predict(model, data, pad_id=0, batch_size=4, bucket=32, mixed_precision=mixed_precision, compile=True)
+    torch.testing.assert_close(moved, want + torch.tensor([3.0, -3.0]), atol=tol, rtol=0)
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        predict(model, data, pad_id=0, compile="yes")
