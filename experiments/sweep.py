@@ -26,13 +26,12 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from unipelt.grouping.pool import maybe_mps, physical_gpu, visible_devices
+from unipelt.grouping.pool import Job, WorkerPool, maybe_mps, visible_devices
 
 
 def grid(args) -> list[list[str]]:
@@ -226,11 +225,6 @@ def task_factors_from(runs_dirs: list[str]) -> dict:
     return {(task, k): value / statistics.mean(per_k[k]) for (task, k), value in mean.items() if value > 0}
 
 
-def slots(devices: list[str], workers_per_device: int) -> list[str]:
-    """One entry per worker process: the device it trains on, spread round-robin over devices."""
-    return [d for _ in range(workers_per_device) for d in devices]
-
-
 def solo_workers(devices: list[str], requested: int | None) -> int:
     """Extra processes per device for the runs that train alone (full fine-tuning): each uses a sliver of a GPU,
     so on a GPU several run beside the groups, as in packed mode (default 4); on CPU none (the group workers take
@@ -240,130 +234,44 @@ def solo_workers(devices: list[str], requested: int | None) -> int:
     return 4 if any(d.startswith("cuda") for d in devices) else 0
 
 
-def next_job(pending: list[dict], solo_only: bool) -> dict | None:
-    """The next job for a worker: group workers take groups (largest first), and solo runs once no group is
-    left; solo workers take solo runs only."""
-    kinds = (True,) if solo_only else (False, True)
-    for solo in kinds:
-        for i, job in enumerate(pending):
-            if job["solo"] == solo:
-                return pending.pop(i)
-    return None
-
-
 # --- execution ------------------------------------------------------------------------------------------------
-def _slot_main(device: str, threads: int, jobs, results, extra: list[str], worker: int) -> None:
-    """A worker process on one device: take jobs until the queue says stop."""
-    slot_device = device  # as planned (cuda:1), for the log; the process itself sees only that GPU, as cuda
-    if device.startswith("cuda:"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        device = "cuda"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # several processes share a GPU: growable segments return less fragmented memory between groups
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    import torch
-
-    torch.set_num_threads(threads)
-    from unipelt.grouping.runner import execute_many
-
-    composer = Composer(extra)
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        t0, began = time.perf_counter(), time.time()
-        try:
-            cfgs = [composer(o) for o in job["runs"]]
-            outcomes = execute_many(cfgs, overrides=job["runs"], device=device, max_runs=job.get("slots", len(cfgs)),
-                                    queue=len(cfgs), progress=False)
-            statuses = [o.status if o.status != "error" else f"error: {o.message}" for o in outcomes]
-        except Exception as err:  # the runner records run failures itself; this is a bug or a bad config
-            statuses = [f"error: {type(err).__name__}: {err}"] * len(job["runs"])
-        results.put({"runs": job["runs"], "statuses": statuses, "device": slot_device,
-                     "wall_s": time.perf_counter() - t0, "worker": worker, "began": began})
-
-
 def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log) -> list[dict]:
+    """The plan's jobs on grouping/pool.py's WorkerPool: group workers and solo workers on every device, composing
+    the runs' configs in the workers; one log row per run."""
     devices = visible_devices(args.devices)
-    # the worker processes start first: their imports (torch, transformers; seconds) overlap the planning here
     n_solo = solo_workers(devices, args.solo_workers_per_device)
-    kinds = [(d, False) for d in slots(devices, args.workers_per_device)] + [(d, True) for d in slots(devices, n_solo)]
     epoch0 = time.time() - (time.perf_counter() - start)  # the sweep's start on the wall clock, for the log
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    queues = [ctx.Queue() for _ in kinds]
-    workers = [ctx.Process(target=_slot_main, args=(d, args.threads, q, results, extra, i), daemon=True)
-               for i, ((d, _), q) in enumerate(zip(kinds, queues))]
-    for w in workers:
-        w.start()
-    max_runs, jobs = plan_sweep(args, todo, extra, devices)
-    sizes = [len(j["runs"]) for j in jobs]
-    at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
-    print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
-          f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
-    if n_solo and any(j["solo"] for j in jobs):
-        print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in jobs)} runs that train alone",
-              flush=True)
-    pending = list(jobs)
-    busy = [False] * len(workers)
-    finished = []
+    finished: list[dict] = []
 
-    def feed(i: int) -> None:
-        late = args.deadline is not None and time.perf_counter() - start > args.deadline
-        job = None if late else next_job(pending, solo_only=kinds[i][1])
-        if job is not None:
-            queues[i].put(job)
-            busy[i] = True
-
-    for i in range(len(workers)):  # prime every worker with one job
-        feed(i)
-    while any(busy):
-        try:
-            result = results.get(timeout=5)
-        except queue.Empty:
-            if not any(w.is_alive() for w in workers):
-                break
-            continue
-        busy[result["worker"]] = False
-        for i in range(len(workers)):  # this worker, and a group worker that found nothing earlier (solo runs now)
-            if not busy[i]:
-                feed(i)
-        for overrides, status in zip(result["runs"], result["statuses"]):
+    def on_result(job: Job, result) -> None:
+        for overrides, outcome in zip(job.overrides, result.outcomes):
+            status = outcome.status if outcome.status != "error" else f"error: {outcome.message}"
             # began_s: when the job started, seconds after the sweep's start (a timeline of where the time went)
-            row = {"overrides": overrides, "status": status, "wall_s": result["wall_s"], "device": result["device"],
-                   "group_size": len(result["runs"]), "worker": result["worker"],
-                   "began_s": round(result["began"] - epoch0, 2)}
+            row = {"overrides": overrides, "status": status, "wall_s": result.wall_s, "device": result.device,
+                   "group_size": len(job.overrides), "worker": result.worker, "began_s": round(result.began - epoch0, 2)}
             finished.append(row)
             log(row)
-        print(f"[{time.perf_counter() - start:7.1f}s] {result['device']} group of {len(result['runs'])} "
-              f"({' '.join(result['runs'][0][:1] + result['runs'][0][2:3])}): "
-              f"{sum(s == 'complete' for s in result['statuses'])} complete in {result['wall_s']:.1f}s", flush=True)
-    for q in queues:
-        q.put(None)
-    stop_workers(workers)
-    not_started = sum(len(j["runs"]) for j in pending)
+        print(f"[{time.perf_counter() - start:7.1f}s] {result.device} group of {len(job.overrides)} "
+              f"({' '.join(job.overrides[0][:1] + job.overrides[0][2:3])}): "
+              f"{sum(o.status == 'complete' for o in result.outcomes)} complete in {result.wall_s:.1f}s", flush=True)
+
+    # the workers start first: their imports (torch, transformers; seconds) overlap the planning here
+    with WorkerPool(devices, args.workers_per_device, n_solo, threads=args.threads, compose=Composer(extra)) as pool:
+        max_runs, planned = plan_sweep(args, todo, extra, devices)
+        sizes = [len(j["runs"]) for j in planned]
+        at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
+        print(f"{len(todo)} runs in {len(planned)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
+              f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
+        if n_solo and any(j["solo"] for j in planned):
+            print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in planned)} runs that train alone",
+                  flush=True)
+        jobs = [Job(None, j["runs"], j.get("slots", 1), j["cost"], j["solo"]) for j in planned]
+        deadline = None if args.deadline is None else time.monotonic() + args.deadline - (time.perf_counter() - start)
+        results = pool.run(jobs, on_result, deadline)
+    not_started = sum(len(j.overrides) for j, r in zip(jobs, results) if r is None)
     if not_started:
         print(f"{not_started} runs not started (deadline)", flush=True)
     return finished
-
-
-def stop_workers(workers, grace_s: float = 20.0) -> None:
-    """Let idle workers exit, and end those that have not within `grace_s` in all. Every job's result is in by now
-    (the records are written before a worker reports), so nothing is lost; a process that hangs on its way out (seen
-    under MPS: the sweep then waited 30 s per worker) must not hold up the sweep or the MPS daemon's shutdown."""
-    deadline = time.monotonic() + grace_s
-    for w in workers:
-        w.join(timeout=max(deadline - time.monotonic(), 0.0))
-    late = [w for w in workers if w.is_alive()]
-    for w in late:
-        w.terminate()
-    for w in late:
-        w.join(timeout=5)
-        if w.is_alive():
-            w.kill()
-            w.join(timeout=5)
-    if late:
-        print(f"{len(late)} idle worker(s) did not exit within {grace_s:.0f}s and were stopped", flush=True)
 
 
 def _auto_max_runs(devices, workers_per_device, todo, composer) -> int:

@@ -45,3 +45,12 @@ def copy_matching_(dst: torch.nn.Module, src: torch.nn.Module) -> int:
                 dst_params[name].copy_(p)
                 n += 1
     return n
+
+
+def compose_or_die(overrides: list[str]):
+    """A WorkerPool `compose` for tests: ["die"] kills the worker process mid-job, anything else is a bad config."""
+    import os
+
+    if overrides == ["die"]:
+        os._exit(9)
+    raise ValueError(f"not a run: {overrides}")

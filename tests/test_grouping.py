@@ -418,7 +418,6 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import sweep
 
-    assert sweep.slots(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert sweep.visible_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
     extra = [f"output.runs_dir={tmp_path}", "model.num_layers=1"]
     todo = [o for o in sweep.grid(type("A", (), {"ks": "100,500", "seeds": "111,222", "tasks": "rte,stsb",
@@ -466,11 +465,13 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     assert plain[0] == plain[1]  # without history, the two K=100 groups cost the same
     # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
     assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
-    pending = list(jobs)
-    assert sweep.next_job(pending, solo_only=True)["solo"]
-    firsts = [sweep.next_job(pending, solo_only=False) for _ in range(4)]
-    assert [len(j["runs"]) for j in firsts] == [4] * 4
-    assert sweep.next_job(pending, solo_only=False)["solo"]  # groups gone: a group worker takes a solo run
+    from unipelt.grouping.pool import Job, next_job
+
+    pending = [Job(None, j["runs"], j.get("slots", 1), j["cost"], j["solo"]) for j in jobs]
+    assert next_job(pending, solo_only=True).solo
+    firsts = [next_job(pending, solo_only=False) for _ in range(4)]
+    assert [len(j.overrides) for j in firsts] == [4] * 4
+    assert next_job(pending, solo_only=False).solo  # groups gone: a group worker takes a solo run
     assert len(pending) == 6
 
 
@@ -687,6 +688,32 @@ def test_a_broken_worker_job_is_an_error_for_its_runs_and_bad_pool_settings_are_
     with pytest.raises(ValueError, match="mps must be auto, on or off, got 'yes'"):
         with maybe_mps(["cuda:0"], "yes"):
             pass
+
+
+def test_the_worker_pool_replaces_a_worker_that_dies_in_a_job_keeps_solo_workers_to_lone_runs_and_honours_a_deadline():
+    """One scheduler for the launcher and experiments/sweep.py (grouping/pool.py): a worker killed in the middle of a
+    job (os._exit, as the OOM killer would) turns that job's runs into errors and a fresh worker takes the next job
+    (the sweep used to wait for the dead worker forever); solo workers take only runs that train alone."""
+    from helpers import compose_or_die
+
+    from unipelt.grouping.pool import Job, WorkerPool
+
+    died, bad = Job(None, [["die"]], 1, cost=2.0), Job(None, [["bad"]], 1, cost=1.0)
+    seen = []
+    with WorkerPool(["cpu"], 1, compose=compose_or_die) as pool:
+        results = pool.run([bad, died], on_result=lambda job, result: seen.append(job.overrides))
+        assert seen == [[["die"]], [["bad"]]]  # largest first, each reported as it ends
+        assert "died (exit code 9)" in results[1].outcomes[0].message and results[1].outcomes[0].status == "error"
+        assert "worker on cpu failed: ValueError: not a run: ['bad']" in results[0].outcomes[0].message
+        assert pool.workers[0].is_alive()  # the replacement
+        assert pool.run([bad], deadline=time.monotonic() - 1) == [None]  # past the deadline nothing starts
+    group, alone = Job(None, [["g1"], ["g2"]], 2, cost=5.0), Job(None, [["solo"]], 1, cost=1.0, solo=True)
+    with WorkerPool(["cpu"], 1, solo_per_device=1, compose=compose_or_die) as pool:
+        assert pool.kinds == [("cpu", False), ("cpu", True)]
+        results = pool.run([alone, group])
+    assert [r.worker for r in results] == [1, 0] and len(results[1].outcomes) == 2
+    with pytest.raises(ValueError, match="solo workers per device must be at least 0, got -1"):
+        WorkerPool(["cpu"], 1, solo_per_device=-1)
 
 
 def test_automatic_group_size_shares_a_gpus_memory_among_its_workers(monkeypatch, tmp_path):

@@ -14,6 +14,7 @@ import time
 
 from unipelt.grouping import mps
 from unipelt.grouping.mps import PIPE_ENV, MPSError, mps_daemon
+from unipelt.grouping.pool import physical_gpu, stop_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,10 +80,10 @@ def test_sweep_workers_pin_the_right_physical_gpu_and_mps_on_cpu_stops_the_sweep
     sys.path.insert(0, str(ROOT / "experiments"))
     import sweep
 
-    assert sweep.physical_gpu("cuda:1", None) == "1"
-    assert sweep.physical_gpu("cuda:1", "2,3") == "3"  # numbered among the sweep's visible GPUs
+    assert physical_gpu("cuda:1", None) == "1"
+    assert physical_gpu("cuda:1", "2,3") == "3"  # numbered among the sweep's visible GPUs
     with pytest.raises(ValueError, match="cuda:2 is not among the 2 visible GPUs"):
-        sweep.physical_gpu("cuda:2", "2,3")
+        physical_gpu("cuda:2", "2,3")
     args = type("Args", (), {"mps": "on", "devices": "cpu"})()
     with pytest.raises(SystemExit, match="--mps on: MPS shares CUDA GPUs"):
         with sweep.sweep_mps(args):
@@ -121,7 +122,7 @@ def test_idle_workers_that_hang_on_exit_are_stopped_after_the_grace_time(capsys)
     for w in workers:
         w.start()
     t0 = time.monotonic()
-    sweep.stop_workers(workers, grace_s=1.0)
+    stop_workers(workers, grace_s=1.0)
     assert time.monotonic() - t0 < 15
     assert not any(w.is_alive() for w in workers)
     assert workers[0].exitcode == 0 and workers[1].exitcode != 0
