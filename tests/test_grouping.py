@@ -405,10 +405,10 @@ def test_a_multirun_is_grouped_and_its_records_say_so_and_report_like_any_other(
 def test_the_hydra_multirun_spreads_its_jobs_over_the_launchers_devices(tmp_path):
     runs = tmp_path / "runs"
     proc = cli(["-m", *TINY, "method=lora,adapter,finetune", "data.seed=111", "train.epochs=1",
-                "hydra.launcher.devices=[cpu,cpu]"], runs)
+                "hydra.launcher.devices=[cpu,cpu]", "hydra.launcher.solo_workers_per_device=1"], runs)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "2 device(s) x 1 worker(s): cpu, cpu" in out + err
+    assert "2 device(s) x 1 worker(s): cpu, cpu (+ 1 per device for runs that train alone)" in out + err
     recs = {r["method"]: r for r in (json.loads(p.read_text()) for p in runs.glob("*/record.json"))}
     assert sorted(recs) == ["adapter", "finetune", "lora"] and {r["status"] for r in recs.values()} == {"complete"}
     assert recs["lora"]["group_size"] == recs["adapter"]["group_size"] == 2  # one group job, and finetune alone
@@ -662,13 +662,16 @@ def test_a_multirun_on_worker_processes_trains_every_run_as_in_one_process(tmp_p
     dispatched = []
     real_run_jobs = pool.run_jobs
 
-    def spy(jobs, devices, workers_per_device=1, mps="auto"):
-        dispatched.append(([len(j.cfgs) for j in jobs], [j.slots for j in jobs], devices, mps))
-        return real_run_jobs(jobs, devices, workers_per_device, mps)
+    def spy(jobs, devices, workers_per_device=1, mps="auto", solo_per_device=0):
+        dispatched.append(([len(j.cfgs) for j in jobs], [j.slots for j in jobs], [j.solo for j in jobs], devices, mps,
+                           solo_per_device))
+        return real_run_jobs(jobs, devices, workers_per_device, mps, solo_per_device)
 
     monkeypatch.setattr(pool, "run_jobs", spy)
-    pooled = runner.execute_many(cfgs(tmp_path / "pooled"), devices=["cpu", "cpu"], workers_per_device=1, mps="auto")
-    assert dispatched == [([2, 1, 1], [2, 2, 1], ["cpu", "cpu"], "auto")]  # groups of 2 (lora+apl, adapter) + finetune
+    pooled = runner.execute_many(cfgs(tmp_path / "pooled"), devices=["cpu"], workers_per_device=1, mps="auto",
+                                 solo_workers_per_device=1)  # one group worker + one for the run that trains alone
+    # groups of 2 (lora+apl, adapter) + finetune, which only the solo worker may take while groups are left
+    assert dispatched == [([2, 1, 1], [2, 2, 1], [False, False, True], ["cpu"], "auto", 1)]
     assert [o.status for o in pooled] == [o.status for o in here] == ["complete"] * 4
     for a, b in zip(here, pooled):
         assert a.run_id == b.run_id

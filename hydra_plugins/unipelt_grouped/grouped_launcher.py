@@ -5,6 +5,7 @@ compatible ones together through one frozen encoder (unipelt/grouping/runner.py)
     unipelt -m hydra/launcher=basic ...                                             # one job after another
     unipelt -m ... hydra.launcher.workers_per_device=4          # 4 worker processes per GPU (every visible GPU)
     unipelt -m ... hydra.launcher.devices=[cuda:0,cuda:1]       # only these devices
+    unipelt -m ... hydra.launcher.solo_workers_per_device=4     # + 4 processes per GPU for fine-tuning runs
 
 A job whose run fails or has a bad setting does not stop the others; Hydra reports it and exits 1 at the end.
 """
@@ -30,6 +31,8 @@ class GroupedLauncherConf:
     devices: Any = "auto"  # auto: every visible GPU (else CPU); or a list: [cuda:0,cuda:1]
     workers_per_device: int = 1  # worker processes per device; more than one worker in all: jobs run in workers
     mps: str = "auto"  # workers on GPUs under NVIDIA MPS: auto (where available) | on | off
+    solo_workers_per_device: int = 0  # more worker processes per device that take only the runs that train alone
+    # (full fine-tuning), beside the groups; experiments/sweep.py uses 4 per GPU
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="grouped", node=GroupedLauncherConf, provider="unipelt")
@@ -37,8 +40,9 @@ ConfigStore.instance().store(group="hydra/launcher", name="grouped", node=Groupe
 
 class GroupedLauncher(Launcher):
     def __init__(self, device: Optional[str] = None, devices: Any = "auto", workers_per_device: int = 1,
-                 mps: str = "auto") -> None:
+                 mps: str = "auto", solo_workers_per_device: int = 0) -> None:
         self.device = device
+        self.solo_workers_per_device = solo_workers_per_device
         self.devices = devices
         self.workers_per_device = workers_per_device
         self.mps = mps
@@ -78,10 +82,13 @@ class GroupedLauncher(Launcher):
             devices = visible_devices(self.devices)
         else:  # a list from the command line: hydra.launcher.devices=[cuda:0,cuda:1]
             devices = [str(d) for d in self.devices]
-        if len(devices) * self.workers_per_device > 1:
-            log.info(f"{len(devices)} device(s) x {self.workers_per_device} worker(s): {', '.join(devices)}")
+        solo = self.solo_workers_per_device
+        if len(devices) * (self.workers_per_device + solo) > 1:
+            log.info(f"{len(devices)} device(s) x {self.workers_per_device} worker(s): {', '.join(devices)}"
+                     + (f" (+ {solo} per device for runs that train alone)" if solo else ""))
         outcomes = execute_many(task_configs, overrides=[list(o) for o in job_overrides], device=devices[0],
-                                devices=devices, workers_per_device=self.workers_per_device, mps=self.mps)
+                                devices=devices, workers_per_device=self.workers_per_device, mps=self.mps,
+                                solo_workers_per_device=solo)
         returns = []
         for overrides, sweep_config, task_config, outcome in zip(job_overrides, sweep_configs, task_configs, outcomes):
             ret = JobReturn(overrides=list(overrides), cfg=task_config, hydra_cfg=sweep_config,

@@ -229,9 +229,10 @@ def maybe_mps(devices: list[str], mode: str):
         yield pipe
 
 
-def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, mps: str = "auto") -> list[list]:
+def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, mps: str = "auto",
+             solo_per_device: int = 0) -> list[list]:
     """Every job's outcomes (execute_many's, in the job's run order), running `workers_per_device` processes per
-    device (WorkerPool), under MPS per `mode`. A job whose worker breaks (a bug, a killed process) gets an 'error'
+    device (WorkerPool) and `solo_per_device` more for the lone runs (`Job.solo`), under MPS per `mps`. A job whose worker breaks (a bug, a killed process) gets an 'error'
     outcome per run; the records its runs wrote stay, and re-running the sweep resumes them."""
     if workers_per_device < 1:
         raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
@@ -239,5 +240,5 @@ def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, m
         raise ValueError("no devices to run on")
     if not jobs:  # everything was skipped or refused: no workers, no MPS daemon
         return []
-    with maybe_mps(devices, mps), WorkerPool(devices, workers_per_device) as pool:
+    with maybe_mps(devices, mps), WorkerPool(devices, workers_per_device, solo_per_device) as pool:
         return [r.outcomes for r in pool.run(jobs)]

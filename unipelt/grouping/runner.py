@@ -123,14 +123,15 @@ def estimate_run_bytes(p: RunPlan, model_cfg=None) -> int:
 
 def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = None, device: str | None = None,
                  max_runs: int | None = None, progress: bool | None = None, queue: int | None = None,
-                 devices: list[str] | None = None, workers_per_device: int = 1, mps: str = "auto"
-                 ) -> list[Outcome]:
+                 devices: list[str] | None = None, workers_per_device: int = 1, mps: str = "auto",
+                 solo_workers_per_device: int = 0) -> list[Outcome]:
     """Run every config; groupable runs in groups, the rest alone. Never raises for one run's problem: each
     config gets an Outcome (bad settings: 'error' with the message, nothing touched). A group trains `max_runs`
     runs at once (group.max_runs; automatic from memory) out of up to `queue` (group.queue; default max_runs): the
     others wait and take the slots of runs that stop. `devices` with more than one worker in all (several devices,
     or `workers_per_device` > 1): the groups and lone runs go to worker processes on those devices (pool.py; `mps`
-    auto | on | off), each trained as it would be here; otherwise everything runs in this process on `device`."""
+    auto | on | off; `solo_workers_per_device` more processes that take only the runs that train alone, beside the
+    groups), each trained as it would be here; otherwise everything runs in this process on `device`."""
     from ..run import USER_ERRORS, _message, _skip_complete, execute_single
 
     outcomes: list[Outcome | None] = [None] * len(cfgs)
@@ -154,7 +155,7 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
             continue
         log.info("%s trains alone: %s", p.run_id, reason)
         alone.append((i, p))
-    pooled = devices is not None and len(devices) * workers_per_device > 1
+    pooled = devices is not None and len(devices) * (workers_per_device + solo_workers_per_device) > 1
     if not pooled:
         for i, p in alone:
             outcomes[i] = _run_alone(cfgs[i], p, execute_single)
@@ -172,7 +173,7 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
         limit, index, groups = 1, {}, []
     if pooled:
         _run_pooled(cfgs, overrides, outcomes, [[index[id(p)] for p in g] for g in groups], [i for i, _ in alone],
-                    limit, devices, workers_per_device, mps)
+                    limit, devices, workers_per_device, mps, solo_workers_per_device)
         return outcomes
     if grouped:
         for members in groups:
@@ -187,16 +188,16 @@ def execute_many(cfgs: list[DictConfig], overrides: list[list[str]] | None = Non
 
 
 def _run_pooled(cfgs, overrides, outcomes: list, groups: list[list[int]], alone: list[int], slots: int,
-                devices: list[str], workers_per_device: int, mps: str) -> None:
+                devices: list[str], workers_per_device: int, mps: str, solo_per_device: int = 0) -> None:
     """The groups (config indices) and lone runs as jobs of worker processes (pool.run_jobs); fills `outcomes`."""
     from .pool import Job, run_jobs
 
-    def job(indices: list[int], job_slots: int) -> Job:
+    def job(indices: list[int], job_slots: int, solo: bool) -> Job:
         return Job([cfgs[i] for i in indices], None if overrides is None else [list(overrides[i]) for i in indices],
-                   job_slots, cost=float(len(indices)))
+                   job_slots, cost=float(len(indices)), solo=solo)
 
-    plan_order = [(g, job(g, slots)) for g in groups] + [([i], job([i], 1)) for i in alone]
-    results = run_jobs([j for _, j in plan_order], devices, workers_per_device, mps)
+    plan_order = [(g, job(g, slots, False)) for g in groups] + [([i], job([i], 1, True)) for i in alone]
+    results = run_jobs([j for _, j in plan_order], devices, workers_per_device, mps, solo_per_device)
     for (indices, _), result in zip(plan_order, results):
         for i, outcome in zip(indices, result):
             outcomes[i] = outcome
