@@ -122,6 +122,16 @@ def stop_workers(workers, grace_s: float = 20.0) -> None:
         print(f"{len(late)} idle worker(s) did not exit within {grace_s:.0f}s and were stopped", flush=True)
 
 
+def check_pool_settings(devices: list[str], workers_per_device: int, solo_per_device: int) -> None:
+    """Clear errors for settings no pool can run with (before any process starts, also when there is no job)."""
+    if workers_per_device < 1:
+        raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
+    if solo_per_device < 0:
+        raise ValueError(f"solo workers per device must be at least 0, got {solo_per_device}")
+    if not devices:
+        raise ValueError("no devices to run on")
+
+
 class WorkerPool:
     """Worker processes, `workers_per_device` per device for any job and `solo_per_device` more for lone runs only
     (each uses a sliver of a GPU, so on a GPU several run beside the groups). They start at once, so their imports
@@ -131,12 +141,7 @@ class WorkerPool:
 
     def __init__(self, devices: list[str], workers_per_device: int = 1, solo_per_device: int = 0,
                  threads: int | None = None, compose=None) -> None:
-        if workers_per_device < 1:
-            raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
-        if solo_per_device < 0:
-            raise ValueError(f"solo workers per device must be at least 0, got {solo_per_device}")
-        if not devices:
-            raise ValueError("no devices to run on")
+        check_pool_settings(devices, workers_per_device, solo_per_device)
         self.kinds = [(d, False) for _ in range(workers_per_device) for d in devices] + \
                      [(d, True) for _ in range(solo_per_device) for d in devices]
         self._ctx = mp.get_context("spawn")  # CUDA-safe: no forked CUDA state
@@ -234,10 +239,7 @@ def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, m
     """Every job's outcomes (execute_many's, in the job's run order), running `workers_per_device` processes per
     device (WorkerPool) and `solo_per_device` more for the lone runs (`Job.solo`), under MPS per `mps`. A job whose worker breaks (a bug, a killed process) gets an 'error'
     outcome per run; the records its runs wrote stay, and re-running the sweep resumes them."""
-    if workers_per_device < 1:
-        raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
-    if not devices:
-        raise ValueError("no devices to run on")
+    check_pool_settings(devices, workers_per_device, solo_per_device)
     if not jobs:  # everything was skipped or refused: no workers, no MPS daemon
         return []
     with maybe_mps(devices, mps), WorkerPool(devices, workers_per_device, solo_per_device) as pool:
