@@ -431,7 +431,7 @@ def test_graphed_step_keeps_one_set_of_buffers_per_shape_up_to_its_limit_and_tra
     plain_losses = _train_plain(plain, batches, 1e-2, device)
     graphed_losses, step = _train_bucketed(graphed, batches, device, max_shapes=2)
     _assert_same_training(plain, graphed, plain_losses, graphed_losses, atol=1e-5)
-    assert [key[1][1][1] for key in step.shapes] == [16, 32]  # the first two widths got static buffers...
+    assert [key[1][1][1][1] for key in step.shapes] == [16, 32]  # the first two widths got static buffers...
     assert step.seen == 10 and step.eager_steps == 12  # ...the width-48 batches (2) ran plain
 
 

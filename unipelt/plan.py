@@ -227,6 +227,8 @@ def plan(cfg: DictConfig) -> RunPlan:
     _check_optional_positive("group.max_runs", group.get("max_runs"))
     _check_optional_positive("group.queue", group.get("queue"))
     _check_optional_positive("group.eval_rows", group.get("eval_rows"))
+    _check_bool("group.cuda_graph", group.get("cuda_graph", False))
+    _check_optional_positive("group.graph_bucket", group.get("graph_bucket"))
     tag = cfg.output.get("tag")
     if tag is not None and not NAME_RE.fullmatch(str(tag)):
         raise ConfigError(f"output.tag must be a name of letters, digits and _.+=- (it is part of the run id), "

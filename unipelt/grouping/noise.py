@@ -95,21 +95,40 @@ class NoiseBatch:
 
     def __init__(self, layout: NoiseLayout, runs: list[RunNoise], rows: list[int], has_prefix: list[bool],
                  width: int, device) -> None:
+        self._allocate(layout, len(runs), width, device)
+        self.draw(runs, rows, has_prefix)
+
+    @classmethod
+    def static(cls, layout: NoiseLayout, runs: int, width: int, device) -> "NoiseBatch":
+        """Buffers for `runs` runs of `width` rows that `draw` refills at every step in place (a CUDA graph reads
+        them where its capture found them)."""
+        self = cls.__new__(cls)
+        self._allocate(layout, runs, width, device)
+        return self
+
+    def _allocate(self, layout: NoiseLayout, runs: int, width: int, device) -> None:
         self.layout = layout
         dtype = noise_dtype(device)
-        self.R, self.B = len(runs), width
+        self.R, self.B = runs, width
         self.common = torch.empty(self.R, width, layout.row_size, device=device, dtype=dtype)
         self.prefix = None
         if layout.prefix:
             self.prefix = torch.zeros(self.R, width, layout.prefix_row_size, device=device, dtype=dtype)
+
+    def draw(self, runs: list[RunNoise], rows: list[int], has_prefix: list[bool]) -> None:
+        """This step's noise: `rows[r]` rows from run r's stream (and its prefix block if it has a prefix)."""
+        if len(runs) != self.R:
+            raise ValueError(f"noise buffers for {self.R} runs cannot hold {len(runs)}")
         for r, (stream, n) in enumerate(zip(runs, rows)):
             stream.draw_into(self.common[r, :n])
             if has_prefix[r] and self.prefix is not None:
                 stream.draw_into(self.prefix[r, :n])
-        if any(n < width for n in rows):  # filler rows (shorter runs): no dropout, nothing random
+        if any(n < self.B for n in rows):  # filler rows (shorter runs): no dropout, nothing random
             for r, n in enumerate(rows):
-                if n < width:
+                if n < self.B:
                     self.common[r, n:] = 1.0
+                    if self.prefix is not None:
+                        self.prefix[r, n:] = 0.0
 
     def _view(self, buffer: torch.Tensor, table: dict, name) -> torch.Tensor:
         offset, shape = table[name]

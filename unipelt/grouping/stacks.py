@@ -96,6 +96,18 @@ class ParameterStacks:
         self.owned.clear()
 
 
+def saved_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The updates a run's optimizer has made (torch's per-parameter "step", the same for all of a run's parameters,
+    which are stepped together; 0 for a fresh one). Read once, when a group forms, so that a step's coefficients
+    can be computed before its forward has made the stacks (a graphed step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                return int(float(state["step"]))
+    return 0
+
+
 class StackedAdamW:
     """AdamW (decoupled weight decay, torch's arithmetic) over every stack at once, per row with its run's own
     hyper-parameters and step count. The runs' `torch.optim.AdamW` objects stay the source of the hyper-parameters
@@ -107,9 +119,8 @@ class StackedAdamW:
     def __init__(self, stacks: ParameterStacks, optimizers: list) -> None:
         self.stacks = stacks
         self.optimizers = optimizers  # one per member, in member order
-        self.steps = [0] * len(optimizers)  # updates each member has had (torch's per-parameter "step")
+        self.steps = [saved_steps(o) for o in optimizers]  # updates each member has had (torch's "step")
         self.moments: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._steps_read = False
 
     def _hyper(self, member: int) -> tuple[float, float, float, float, float]:
         group = self.optimizers[member].param_groups[0]
@@ -119,7 +130,7 @@ class StackedAdamW:
         return float(group["lr"]), float(group["weight_decay"]), float(beta1), float(beta2), float(group["eps"])
 
     def load_from_optimizers(self) -> None:
-        """Moments and step counts of parameters whose optimizer has state (a resumed run); zeros otherwise."""
+        """Moments of parameters whose optimizer has state (a resumed run); zeros otherwise."""
         for stack in self.stacks:
             if stack.key in self.moments:
                 continue
@@ -133,10 +144,7 @@ class StackedAdamW:
                 if state and "exp_avg" in state:
                     exp_avg[e].copy_(state["exp_avg"])
                     exp_avg_sq[e].copy_(state["exp_avg_sq"])
-                    if not self._steps_read:
-                        self.steps[member] = int(float(state["step"]))
             self.moments[stack.key] = (exp_avg, exp_avg_sq)
-        self._steps_read = True
 
     def zero_grad(self) -> None:
         self.stacks.zero_grad()
@@ -146,7 +154,13 @@ class StackedAdamW:
         self.load_from_optimizers()  # stacks made since the last step
         if not any(s.leaf.grad is not None for s in self.stacks):
             return
-        frozen = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0]  # leaves a row as it is
+        self.apply(self.table(members))
+
+    def table(self, members: list[int]) -> torch.Tensor:
+        """Count one update of `members` and give the (members + 1, COLUMNS) device table of this update's per-row
+        coefficients: each member's from its optimizer's hyper-parameters (its schedule's current learning rate) and
+        its step count; other members' rows, and the last row (zero stand-ins), leave a row as it is."""
+        frozen = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
         table = [frozen] * (len(self.optimizers) + 1)
         for m in members:
             self.steps[m] += 1
@@ -154,15 +168,20 @@ class StackedAdamW:
             t = self.steps[m]
             bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
             table[m] = [1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / bc1, math.sqrt(bc2), eps]
-        device = next(iter(self.stacks)).leaf.device
-        table_t = to_device(table, torch.float32, device)
+        device = self.optimizers[0].param_groups[0]["params"][0].device
+        return to_device(table, torch.float32, device)
+
+    def apply(self, table: torch.Tensor) -> None:
+        """The update of every stack with a gradient, row by row with `table`'s coefficients (see `table`). Device
+        work only, once the stacks have their moments: a CUDA graph can capture it, `table` being its static input."""
+        self.load_from_optimizers()
         with torch.no_grad():
             for stack in self.stacks:
                 grad = stack.leaf.grad
                 if grad is None:
                     continue
                 exp_avg, exp_avg_sq = self.moments[stack.key]
-                coef = table_t.index_select(0, stack.table_index).view(-1, self.COLUMNS, *([1] * (grad.dim() - 1)))
+                coef = table.index_select(0, stack.table_index).view(-1, self.COLUMNS, *([1] * (grad.dim() - 1)))
                 decay, c1, beta2, c2, step_size, bc2_sqrt, eps = coef.unbind(1)
                 leaf = stack.leaf
                 leaf.mul_(decay)

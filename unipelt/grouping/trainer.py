@@ -34,10 +34,12 @@ from ..metrics import compute_metrics, main_score
 from ..model import PeltModel
 from ..training.batching import Encoded, epoch_order
 from ..training.checkpoint import Checkpointer, load_optimizer_state
+from ..training.cuda_graph import DEFAULT_GRAPH_BUCKET, bucket_width
 from ..training.determinism import deterministic_algorithms
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
 from .engine import GroupEngine
+from .graphs import GroupStepGraphs
 from .stacks import StackedAdamW
 from .transfer import to_device
 from .noise import NoiseBatch, RunNoise
@@ -70,11 +72,16 @@ class GroupRun:
 class RowBank:
     """Token rows of several splits padded once and kept on the device; a batch is one gather."""
 
-    def __init__(self, splits: list[Encoded], pad_id: int, device) -> None:
+    def __init__(self, splits: list[Encoded], pad_id: int, device, bucket: int | None = None,
+                 max_length: int | None = None) -> None:
+        """`bucket`: batches are padded to the next multiple of `bucket` tokens (at most `max_length`; see
+        `bucket_width`) instead of to their longest row, so that they come in a few widths (one CUDA graph each)."""
         rows = [ids for split in splits for ids in split.input_ids]
         types = [t for split in splits for t in (split.token_type_ids or [[0] * len(i) for i in split.input_ids])]
         self.lengths = [len(r) for r in rows]
-        width = max(self.lengths)
+        self.bucket = bucket
+        self.cap = max(max(self.lengths), max_length or 0)
+        width = self.width(max(self.lengths))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         tt = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (r, t) in enumerate(zip(rows, types)):
@@ -96,7 +103,7 @@ class RowBank:
     def batch(self, rows: list[int]) -> dict:
         """Inputs of `rows`, padded to their longest row. No host sync: the row list reaches the device through a
         non-blocking copy and the mask is built there, so the host can queue steps ahead of the GPU."""
-        width = max(self.lengths[i] for i in rows)
+        width = self.width(max(self.lengths[i] for i in rows))
         index = to_device(rows, torch.long, self.device)
         ids = self.ids.index_select(0, index)[:, :width]
         mask = (self.positions[:width][None, :] < self.length_t.index_select(0, index)[:, None]).long()
@@ -104,6 +111,10 @@ class RowBank:
         if self.types is not None:
             out["token_type_ids"] = self.types.index_select(0, index)[:, :width]
         return out
+
+    def width(self, longest: int) -> int:
+        """Tokens per row of a batch whose longest row has `longest`."""
+        return longest if self.bucket is None else bucket_width(longest, self.bucket, self.cap)
 
 
 def cast_frozen_linears(encoder: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -131,11 +142,15 @@ def run_relative(name: str) -> str:
 class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
-                 eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None) -> None:
+                 eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None,
+                 cuda_graph: bool = False, graph_bucket: int | None = None) -> None:
         """`slots`: runs trained at once (None: all); the rest wait and take the slots of runs that stop.
         `admit(run)` is called before a run starts (the runner adds its task to the model there; without it every
         run must already be a task of the model); `release(run)` once a stopped run has left the group (its
-        on_finished call is done) and its task is no longer needed."""
+        on_finished call is done) and its task is no longer needed.
+        `cuda_graph`: training steps padded to `graph_bucket`-token widths (default DEFAULT_GRAPH_BUCKET) and, on a
+        GPU, each (live runs, shape) captured once as a CUDA graph and replayed (graphs.py); on a CPU the same
+        static-buffer step runs without capture."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
         if slots is not None and (not isinstance(slots, int) or slots < 1):
@@ -152,6 +167,13 @@ class GroupTrainer:
         self.mixed_precision = mixed_precision
         self.progress = progress
         self.eval_rows_cap = eval_rows
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be true or false, got {cuda_graph!r}")
+        if graph_bucket is not None and (not isinstance(graph_bucket, int) or graph_bucket < 1):
+            raise ValueError(f"graph_bucket must be a positive integer or None, got {graph_bucket!r}")
+        self.graph_bucket = (graph_bucket or DEFAULT_GRAPH_BUCKET) if cuda_graph else None
+        self.step_graphs = GroupStepGraphs(self.device, torch.bfloat16 if mixed_precision == "bf16" else None) \
+            if cuda_graph else None
         self._reported: set[str] = set()  # runs already passed to on_finished
         self.step_losses: dict[str, list[float]] | None = None  # set to {} to record every step's loss (tests)
         for run in self.runs:
@@ -166,7 +188,10 @@ class GroupTrainer:
         for i, run in enumerate(self.runs):
             run.index = i
         self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length)
-        self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device)
+        self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device, self.graph_bucket,
+                                  self.max_length)
+        if self.step_graphs is not None:
+            self.step_graphs.reset(self.engine)  # a new engine: new stacks, so no captured step applies any more
         self.dev_bank = RowBank([r.dev for r in self.runs], self.pad_id, self.device)
         self._eval_plans: dict[tuple, tuple] = {}  # see _eval_plan
 
@@ -445,22 +470,29 @@ class GroupTrainer:
             valid = None
             if any(n < width for n in valid_rows):
                 valid = to_device([k < n for n in valid_rows for k in range(width)], torch.bool, self.device)
-            noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows,
-                               ["prefix" in self.model.tasks[r.name].methods for r in runs], width, self.device)
-            with self.autocast():
-                logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
-            losses = self.engine.losses(logits, labels, valid)
+            has_prefix = ["prefix" in self.model.tasks[r.name].methods for r in runs]
+            if self.step_graphs is not None:
+                raw, losses = self.step_graphs.step(self, runs, batch, labels, valid, valid_rows, has_prefix)
+                for r in runs:
+                    r.state["step"] += 1
+                self.step_optimizers(runs, stacked=False)  # the stacks' update is part of the graphed step
+            else:
+                noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows, has_prefix, width,
+                                   self.device)
+                with self.autocast():
+                    logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
+                raw = losses = self.engine.losses(logits, labels, valid)
+                for r in runs:
+                    r.state["step"] += 1
+                losses = self._inject_nan(runs, losses)
+                for r in runs:
+                    r.optimizer.zero_grad(set_to_none=True)
+                self.stacked_adam.zero_grad()
+                losses.sum().backward()
+                self.step_optimizers(runs)
             if self.step_losses is not None:
-                for r, value in zip(runs, losses.tolist()):
+                for r, value in zip(runs, raw.tolist()):
                     self.step_losses.setdefault(r.name, []).append(value)
-            for r in runs:
-                r.state["step"] += 1
-            losses = self._inject_nan(runs, losses)
-            for r in runs:
-                r.optimizer.zero_grad(set_to_none=True)
-            self.stacked_adam.zero_grad()
-            losses.sum().backward()
-            self.step_optimizers(runs)
             index = to_device(active, torch.long, self.device)
             detached = losses.detach().float()
             running.index_add_(0, index, detached)
@@ -485,13 +517,15 @@ class GroupTrainer:
             run.state["eval_time"] += eval_share
             self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
 
-    def step_optimizers(self, runs: list[GroupRun]) -> None:
+    def step_optimizers(self, runs: list[GroupRun], stacked: bool = True) -> None:
         """Each run's AdamW step, then its schedule. The stacked parameters (most of them) are updated stack by stack
-        (StackedAdamW, each row with its run's hyper-parameters). The rest (e.g. folded prefixes, read by each run's
-        own forward) of runs whose hyper-parameters agree at this step (same LR, weight decay, betas...) are stepped by
-        one call of torch's Adam functional over all their tensors: the arithmetic is per tensor (each with its own
-        step count and moments), so every run gets exactly its own optimizer's update."""
-        self.stacked_adam.step([r.index for r in runs])
+        (StackedAdamW, each row with its run's hyper-parameters; `stacked=False`: already done, by a graphed step).
+        The rest (e.g. folded prefixes, read by each run's own forward) of runs whose hyper-parameters agree at this
+        step (same LR, weight decay, betas...) are stepped by one call of torch's Adam functional over all their
+        tensors: the arithmetic is per tensor (each with its own step count and moments), so every run gets exactly
+        its own optimizer's update."""
+        if stacked:
+            self.stacked_adam.step([r.index for r in runs])
         buckets: dict[tuple, list[list]] = {}
         for run in runs:
             opt = run.optimizer
@@ -503,6 +537,10 @@ class GroupTrainer:
             opt._opt_called = True  # what Optimizer.step's wrapper records (the LR scheduler checks it)
             if not lists[0]:
                 continue  # every parameter of the run is stacked
+            if not stacked:
+                raise RuntimeError(f"group.cuda_graph: run {run.name!r} has gradients outside the group's parameter "
+                                   f"stacks, which a graphed step does not update; train it with "
+                                   f"group.cuda_graph=false")
             key = (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"], group["amsgrad"],
                    group["maximize"], group["foreach"], group["capturable"], group["differentiable"], group["fused"],
                    group["decoupled_weight_decay"], has_complex)
@@ -541,13 +579,21 @@ class GroupTrainer:
         return run.settings.max_steps is not None and run.state["step"] >= run.settings.max_steps
 
     def _inject_nan(self, runs: list[GroupRun], losses: torch.Tensor) -> torch.Tensor:
-        """Fault injection for tests: a run's loss turns NaN from its `inject_nan_at_step` on."""
-        hits = [r.settings.inject_nan_at_step is not None and r.state["step"] >= r.settings.inject_nan_at_step
+        """Fault injection for tests: a run's loss turns NaN from its `inject_nan_at_step` on (steps counted)."""
+        hits = self._nan_hits(runs, ahead=0)
+        return losses * self._factor(hits) if any(hits) else losses
+
+    def nan_factor(self, runs: list[GroupRun]) -> torch.Tensor:
+        """(R,) loss factors of the coming step (not counted yet): 1.0, or NaN where `inject_nan_at_step` has come."""
+        return self._factor(self._nan_hits(runs, ahead=1))
+
+    @staticmethod
+    def _nan_hits(runs: list[GroupRun], ahead: int) -> list[bool]:
+        return [r.settings.inject_nan_at_step is not None and r.state["step"] + ahead >= r.settings.inject_nan_at_step
                 for r in runs]
-        if not any(hits):
-            return losses
-        factor = to_device([float("nan") if h else 1.0 for h in hits], torch.float32, losses.device)
-        return losses * factor
+
+    def _factor(self, hits: list[bool]) -> torch.Tensor:
+        return to_device([float("nan") if h else 1.0 for h in hits], torch.float32, self.device)
 
     def _check_finite(self, live: list[GroupRun], first_bad: torch.Tensor) -> None:
         bad = first_bad.tolist()

@@ -59,35 +59,50 @@ class _ShapeGraphs:
     """What a graphed training step and a graphed forward share: static input buffers per batch shape (the first
     `max_shapes` shapes seen; others run eagerly), `warmup` eager calls of a shape on a side stream, then one
     capture and replays. On a CPU the same static-buffer path runs without capture. Subclasses say what an eager
-    call does (`_eager`) and how a call is captured (`_capture`)."""
+    call does (`_eager`) and how a call is captured (`_capture`); both get the call's extra `context` arguments.
 
-    def __init__(self, device, autocast_dtype: torch.dtype | None, warmup: int, max_shapes: int) -> None:
+    `share_pool`: every shape's graph allocates from one memory pool (for graphs that are never replayed at once and
+    keep nothing in it from one replay to the next but their outputs) instead of one pool per shape."""
+
+    def __init__(self, device, autocast_dtype: torch.dtype | None, warmup: int, max_shapes: int,
+                 share_pool: bool = False) -> None:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.warmup = warmup
         self.max_shapes = max_shapes
         self.capture = self.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if share_pool and self.capture else None
         self.shapes: dict[tuple, _Shape] = {}  # in the order first seen
         self.seen = 0  # calls on a graphed shape so far (all shapes)
         self.replays = 0
+        self.captures = 0
+
+    def drop(self, keep: Callable[[tuple], bool]) -> None:
+        """Forget the graphs (and static buffers) of the keys for which `keep(key)` is false."""
+        self.shapes = {k: v for k, v in self.shapes.items() if keep(k)}
+        if self.pool is not None and not any(s.graph is not None for s in self.shapes.values()):
+            self.pool = torch.cuda.graph_pool_handle()  # a shared pool goes with its last graph: captures need a new one
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                               enabled=self.autocast_dtype is not None, cache_enabled=False)
 
-    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _eager(self, batch: dict[str, torch.Tensor], *context):
         raise NotImplementedError
 
-    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+    def _capture(self, batch: dict[str, torch.Tensor], *context) -> tuple:
         """(graph, static output) of one call on the static `batch`."""
         raise NotImplementedError
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = _shape_key(batch)
+    def __call__(self, batch: dict[str, torch.Tensor], *context, key: tuple = ()):
+        """`context`: what the call reads besides `batch` (passed on as it is; the same objects for every call with
+        the same shapes and `key`, since a graph reads what its capture read); `key`: what, besides the batch's
+        shapes, calls must share to share a graph."""
+        key = (key, _shape_key(batch))
         shape = self.shapes.get(key)
         if shape is None:
             if len(self.shapes) >= self.max_shapes:  # a shape without a graph: a plain call
-                return self._eager(batch)
+                return self._eager(batch, *context)
             shape = self.shapes[key] = _Shape()
         if shape.batch is None:
             shape.batch = {k: v.clone() for k, v in batch.items()}
@@ -98,16 +113,17 @@ class _ShapeGraphs:
         self.seen += 1
         if not self.capture:
             # CPU: the same static-buffer call without capture (tests compare it with the plain one)
-            return self._eager(shape.batch)
+            return self._eager(shape.batch, *context)
         if shape.seen <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                out = self._eager(shape.batch)
+                out = self._eager(shape.batch, *context)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         if shape.graph is None:
-            shape.graph, shape.output = self._capture(shape.batch)
+            shape.graph, shape.output = self._capture(shape.batch, *context)
+            self.captures += 1
         shape.graph.replay()
         self.replays += 1
         return shape.output
@@ -149,7 +165,7 @@ class GraphedTrainStep(_ShapeGraphs):
     def graph(self):
         return self.shapes[self.key].graph if self.shapes else None
 
-    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _eager(self, batch: dict[str, torch.Tensor], *context) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.loss_fn(batch)
@@ -158,11 +174,11 @@ class GraphedTrainStep(_ShapeGraphs):
         self.eager_steps += 1
         return loss.detach()
 
-    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+    def _capture(self, batch: dict[str, torch.Tensor], *context) -> tuple:
         # grads are then allocated inside this graph's own pool (each shape's graph keeps its own buffers)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             with self._autocast():
                 loss = self.loss_fn(batch)
             loss.backward()
@@ -191,12 +207,12 @@ class GraphedForward(_ShapeGraphs):
         with torch.no_grad(), self._autocast():
             return self.fn(batch)
 
-    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _eager(self, batch: dict[str, torch.Tensor], *context) -> torch.Tensor:
         self.eager_calls += 1
         return self._run(batch)
 
-    def _capture(self, batch: dict[str, torch.Tensor]) -> tuple:
+    def _capture(self, batch: dict[str, torch.Tensor], *context) -> tuple:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self._run(batch)
         return graph, out
