@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..gates import Gate
 from ..methods import method_class
 from ..model import PeltModel
+from .attention import compiled_dropout_attention, dropout_attention
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
 from .stacks import ParameterStacks
 from .transfer import to_device
@@ -42,8 +43,11 @@ class GroupStep:
 
 
 class GroupEngine:
-    def __init__(self, model: PeltModel, members: list[str], max_length: int) -> None:
+    def __init__(self, model: PeltModel, members: list[str], max_length: int, compile_attention: bool = False) -> None:
+        """`compile_attention`: the training attention (softmax, mask, per-run dropout) through inductor's fused
+        kernels (attention.py; group.compile)."""
         self.model = model
+        self._dropout_attention = compiled_dropout_attention() if compile_attention else dropout_attention
         self.injector = model.injector
         self.info = model.info
         self.members = list(members)
@@ -425,15 +429,8 @@ class GroupEngine:
             if noise is None or self.probs_p == 0:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
-                scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-                if mask is not None and mask.dtype == torch.bool:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                elif mask is not None:
-                    scores = scores + mask
-                probs = torch.softmax(scores.float(), dim=-1)
-                keep = noise.probs_keep(layer, self.probs_p, q.shape[2], prefix)
-                probs = apply_dropout(probs, keep, self.probs_p)
-                out = torch.matmul(probs.to(v.dtype), v)
+                tokens, cols = noise.probs_noise(layer, q.shape[2], prefix)
+                out = self._dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale)
             n, _, t, _ = out.shape
             return out.transpose(1, 2).reshape(n, t, site.num_heads * site.head_dim), None
 

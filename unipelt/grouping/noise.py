@@ -147,14 +147,24 @@ class NoiseBatch:
         view = self._view(self.common, self.layout.sites, name)
         return view >= p.to(view.dtype).view(-1, 1, 1)
 
+    def probs_noise(self, layer: int, length: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noise of `layer`'s attention probabilities, as views (no copy): (R*B, H, T, T) for the token columns,
+        and (R*B, H, T, P) for the prefix columns (None without a prefix). A row keeps where noise >= p."""
+        tokens = self._view(self.common, self.layout.sites, ("probs", layer)).flatten(0, 1)[..., :length, :length]
+        if not prefix:
+            return tokens, None
+        cols = self._view(self.prefix, self.layout.prefix_sites, ("probs", layer)).flatten(0, 1)
+        return tokens, cols[..., :length, :prefix]
+
     def probs_keep(self, layer: int, p: float, length: int, prefix: int) -> torch.Tensor:
         """(R*B, H, T, P+T) keep mask for the attention probabilities of `layer` (prefix columns first)."""
-        tokens = self._view(self.common, self.layout.sites, ("probs", layer))[..., :length, :length]
-        keep = tokens >= p
-        if prefix:
-            cols = self._view(self.prefix, self.layout.prefix_sites, ("probs", layer))[..., :length, :prefix]
-            keep = torch.cat([cols >= p, keep], dim=-1)
-        return keep.reshape(self.R * self.B, *keep.shape[2:])
+        return keep_mask(*self.probs_noise(layer, length, prefix), p)
+
+
+def keep_mask(tokens: torch.Tensor, prefix: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Keep mask (prefix columns first) from the noise views of `NoiseBatch.probs_noise`."""
+    keep = tokens >= p
+    return keep if prefix is None else torch.cat([prefix >= p, keep], dim=-1)
 
 
 def apply_dropout(x: torch.Tensor, keep: torch.Tensor, p) -> torch.Tensor:
