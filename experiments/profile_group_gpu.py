@@ -28,7 +28,7 @@ LR = {"bitfit": 1e-4, "adapter": 1e-4, "prefix": 2e-4, "lora": 5e-4, "unipelt_ap
       "unipelt_apl_nogate": 5e-4}
 
 
-def build(args, R: int, device, graphed: bool = False, compiled: bool = False):
+def build(args, R: int, device, graphed: bool = False):
     from unipelt import PeltModel, preset
     from unipelt.data import build_task_data, get_task
     from unipelt.encoders import load_encoder, load_tokenizer
@@ -58,13 +58,13 @@ def build(args, R: int, device, graphed: bool = False, compiled: bool = False):
         runs.append(GroupRun(f"r{i}", spec, settings, encode(data.train, spec, tokenizer, 128),
                              encode(data.dev, spec, tokenizer, 128), tmp / f"r{i}"))
     trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, 128, device, args.precision, progress=False,
-                           cuda_graph=graphed, compile_attention=compiled)
+                           cuda_graph=graphed)
     trainer._start()
     return trainer
 
 
-def measure(args, R: int, device, graphed: bool = False, compiled: bool = False) -> dict:
-    trainer = build(args, R, device, graphed, compiled)
+def measure(args, R: int, device, graphed: bool = False) -> dict:
+    trainer = build(args, R, device, graphed)
     live = list(trainer.runs)
     sync = torch.cuda.synchronize
     trainer._round(live)  # warm-up epoch (allocator, cuBLAS handles, optimizer state)
@@ -104,7 +104,7 @@ def measure(args, R: int, device, graphed: bool = False, compiled: bool = False)
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
-    return {"R": R, "graphed": graphed, "compiled": compiled, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
+    return {"R": R, "graphed": graphed, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
             "kernels": len(kernels), "syncs": syncs, "noise_ms": noise_ms, "kernel_ms": 1000 * kernel_s, "where": where, "top": top,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -177,21 +177,19 @@ def main(argv=None) -> None:
                    help="build the encoder from --model's config.json with random weights (a timing run needs no weights)")
     p.add_argument("--attention", action="store_true", help="also time the attention kernels at eval shapes")
     p.add_argument("--graph", default="off", help="group.cuda_graph values to measure, e.g. off,on (graphed steps)")
-    p.add_argument("--compile", default="off", help="group.compile values to measure, e.g. off,on (inductor attention)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     if args.attention:
         attention_table()
     modes = [{"off": False, "on": True}[m] for m in args.graph.split(",")]
-    compile_modes = [{"off": False, "on": True}[m] for m in args.compile.split(",")]
-    rows = [measure(args, int(r), device, g, c) for r in args.runs.split(",") for g in modes for c in compile_modes]
+    rows = [measure(args, int(r), device, g) for r in args.runs.split(",") for g in modes]
     print(f"\n{torch.cuda.get_device_name()}, {args.task} K={args.k}, {args.precision}, batch 16, "
           f"dev 1000 (eval batch 256 per run)\n")
-    print("| runs | graphed | compiled | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
+    print("| runs | graphed | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
           "| noise ms/step | GPU ms per run-epoch |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {'yes' if r['compiled'] else 'no'} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
+        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
               f"| {r['busy']:.0f} | {r['kernels']} | {r['syncs']} | {r['peak_gb']:.1f} | {r['noise_ms']:.2f} | {r['kernel_ms'] / r['R']:.1f} |")
     for r in rows:
         print(f"\nR={r['R']}: sync sites {r['where']}")

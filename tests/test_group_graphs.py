@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_grouping import MIXED, build_group, config
 
-from unipelt.grouping.runner import execute_many, step_settings, group_key, partition
+from unipelt.grouping.runner import execute_many, graph_settings, group_key, partition
 from unipelt.grouping.trainer import GroupTrainer, RowBank
 from unipelt.plan import ConfigError, plan
 from unipelt.training.batching import Encoded
@@ -131,7 +131,7 @@ def test_group_cuda_graph_is_validated_recorded_and_never_merges_graphed_with_ea
     plans = [plan(config(*o)) for o in (base, [*base, "data.seed=222", "group.cuda_graph=true"],
                                         [*base, "data.seed=333", "group.cuda_graph=true", "group.graph_bucket=32"],
                                         [*base, "data.seed=444", "group.cuda_graph=true", "group.graph_bucket=16"])]
-    assert [step_settings(p.config)[:2] for p in plans] == [(False, None), (True, None), (True, 32), (True, 16)]
+    assert [graph_settings(p.config) for p in plans] == [(False, None), (True, None), (True, 32), (True, 16)]
     assert len({group_key(p) for p in plans}) == 4
     assert [len(g) for g in partition(plans, max_runs=16)] == [1, 1, 1, 1]
     # records of before the option count as ungraphed: they are not re-run with the default
@@ -160,30 +160,3 @@ def test_captured_group_steps_replay_the_eager_static_step_on_cuda(tmp_path):
                                    equal_nan=True)
         for key, value in ref_params[name].items():
             torch.testing.assert_close(params[name][key], value, rtol=0, atol=1e-5, equal_nan=True)
-
-
-# --- group.compile: the training attention through inductor ----------------------------------------------------
-def test_compiled_attention_trains_each_run_as_the_plain_step_and_is_a_group_setting(tmp_path):
-    """group.compile runs the attention with per-run dropout (softmax, mask, keep masks read from the noise views)
-    through inductor: with dropout on, prefix runs among them and graphed static steps, every run's per-step losses
-    and weights are those of the plain step (fp32, 1e-5); the setting is validated and splits groups."""
-    specs = [MIXED[1], MIXED[4], MIXED[2]]  # prefix (its own keep columns), unipelt_apl, lora
-    ref_model, ref_runs = build_group(specs, tmp_path / "plain", epochs=2)
-    ref, ref_params, _ = fit(ref_model, ref_runs, cuda_graph=True)
-    model, runs = build_group(specs, tmp_path / "compiled", epochs=2)
-    compiled, params, _ = fit(model, runs, cuda_graph=True, compile_attention=True)
-    from unipelt.grouping.attention import compiled_dropout_attention
-
-    assert compiled.engine._dropout_attention is compiled_dropout_attention()
-    for name, losses in ref.step_losses.items():
-        assert torch.allclose(torch.tensor(compiled.step_losses[name]), torch.tensor(losses), atol=1e-5), name
-        for key, value in ref_params[name].items():
-            assert torch.allclose(params[name][key], value, atol=1e-5), (name, key)
-    with pytest.raises(ValueError, match="compile_attention must be true or false, got 1"):
-        GroupTrainer(model, runs, 0, 24, "cpu", compile_attention=1)
-    with pytest.raises(ConfigError, match="group.compile must be true or false, got 'fast'"):
-        plan(config("method=lora", "group.compile=fast"))
-    base = ["task=rte", "data.k=100", "method=lora"]
-    plans = [plan(config(*base)), plan(config(*base, "data.seed=222", "group.compile=true"))]
-    assert [step_settings(p.config)[2] for p in plans] == [False, True]
-    assert [len(g) for g in partition(plans, max_runs=16)] == [1, 1]

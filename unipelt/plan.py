@@ -229,7 +229,6 @@ def plan(cfg: DictConfig) -> RunPlan:
     _check_optional_positive("group.eval_rows", group.get("eval_rows"))
     _check_bool("group.cuda_graph", group.get("cuda_graph", False))
     _check_optional_positive("group.graph_bucket", group.get("graph_bucket"))
-    _check_bool("group.compile", group.get("compile", False))
     tag = cfg.output.get("tag")
     if tag is not None and not NAME_RE.fullmatch(str(tag)):
         raise ConfigError(f"output.tag must be a name of letters, digits and _.+=- (it is part of the run id), "

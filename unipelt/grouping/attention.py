@@ -1,16 +1,12 @@
-"""The grouped training step's attention with per-run dropout on its probabilities, plain or compiled.
+"""The grouped training step's attention with per-run dropout on its probabilities.
 
 A grouped step cannot use a fused attention kernel: each run's dropout mask on the probabilities comes from its own
-stream (noise.py), so the probabilities are explicit. Plain, that is about ten passes over (rows, heads, T, T)
-tensors per layer (scores, mask, an fp32 softmax, the keep mask, its cast, two products, a cast back), the
-largest share of a graphed step's GPU time (experiments/results/bench/group_graphs.md). `group.compile=true`
-runs the same function through inductor (`compiled_dropout_attention`), which fuses the elementwise work into a few
-kernels that read the noise where it lies. Same arithmetic up to float rounding (a fused softmax sums in another
-order), so it is a result-relevant setting.
+stream (noise.py), so the probabilities are explicit: scores, mask, an fp32 softmax, the keep mask read from the
+run's noise, the products, a cast back. One pure function of tensors, so that it can be timed, compiled or replaced
+on its own (inductor on it saved 4% of a graphed group's epoch on an H200, too little to keep:
+experiments/results/bench/group_graphs.md).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -30,11 +26,3 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     probs = torch.softmax(scores.float(), dim=-1)
     probs = apply_dropout(probs, keep_mask(noise_tokens, noise_prefix, p), p)
     return torch.matmul(probs.to(v.dtype), v)
-
-
-@functools.cache
-def compiled_dropout_attention():
-    """`dropout_attention` compiled once per process (dynamic shapes: every bucket width and group size shares the
-    kernels). Its first call compiles (seconds); a graphed step makes that call in its eager warm-up, never inside a
-    capture."""
-    return torch.compile(dropout_attention, dynamic=True, fullgraph=True)

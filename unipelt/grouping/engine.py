@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..gates import Gate
 from ..methods import method_class
 from ..model import PeltModel
-from .attention import compiled_dropout_attention, dropout_attention
+from .attention import dropout_attention
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
 from .stacks import ParameterStacks
 from .transfer import to_device
@@ -43,11 +43,8 @@ class GroupStep:
 
 
 class GroupEngine:
-    def __init__(self, model: PeltModel, members: list[str], max_length: int, compile_attention: bool = False) -> None:
-        """`compile_attention`: the training attention (softmax, mask, per-run dropout) through inductor's fused
-        kernels (attention.py; group.compile)."""
+    def __init__(self, model: PeltModel, members: list[str], max_length: int) -> None:
         self.model = model
-        self._dropout_attention = compiled_dropout_attention() if compile_attention else dropout_attention
         self.injector = model.injector
         self.info = model.info
         self.members = list(members)
@@ -430,7 +427,7 @@ class GroupEngine:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
                 tokens, cols = noise.probs_noise(layer, q.shape[2], prefix)
-                out = self._dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale)
+                out = dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale)
             n, _, t, _ = out.shape
             return out.transpose(1, 2).reshape(n, t, site.num_heads * site.head_dim), None
 

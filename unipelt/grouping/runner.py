@@ -64,14 +64,12 @@ def group_key(p: RunPlan) -> tuple:
     s = p.settings
     return (str(p.model_path), p.model_name, p.num_layers, p.spec.name, str(p.k), str(p.data_dir), p.dev_size,
             p.max_length, s.batch_size, s.mixed_precision, s.deterministic,  # deterministic: a process-wide mode
-            step_settings(p.config or {}))
+            graph_settings(p.config or {}))
 
 
-def step_settings(cfg) -> tuple[bool, int | None, bool]:
-    """(group.cuda_graph, group.graph_bucket, group.compile) of a run's config: how a group's steps compute, which
-    all of its runs share."""
-    return (bool(_group_setting(cfg, "cuda_graph") or False), _group_setting(cfg, "graph_bucket"),
-            bool(_group_setting(cfg, "compile") or False))
+def graph_settings(cfg) -> tuple[bool, int | None]:
+    """(group.cuda_graph, group.graph_bucket) of a run's config: a group's steps are graphed (and padded) or not."""
+    return bool(_group_setting(cfg, "cuda_graph") or False), _group_setting(cfg, "graph_bucket")
 
 
 def partition(plans: list[RunPlan], max_runs: int) -> list[list[RunPlan]]:
@@ -301,11 +299,11 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
                                              group_size=size)
 
         eval_rows = _group_setting(first.config or {}, "eval_rows") or EVAL_ROWS
-        cuda_graph, graph_bucket, compile_attention = step_settings(first.config or {})
+        cuda_graph, graph_bucket = graph_settings(first.config or {})
         trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
                                first.settings.mixed_precision, progress=progress, eval_rows=eval_rows, slots=size,
                                admit=admit, release=lambda run: model.remove_task(run.name), cuda_graph=cuda_graph,
-                               graph_bucket=graph_bucket, compile_attention=compile_attention)
+                               graph_bucket=graph_bucket)
         if len(runs) > 1:
             queued = f", {size} at a time" if size < len(runs) else ""
             print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}{queued}) on {device}", flush=True)

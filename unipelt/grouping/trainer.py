@@ -143,15 +143,14 @@ class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
                  eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None,
-                 cuda_graph: bool = False, graph_bucket: int | None = None, compile_attention: bool = False) -> None:
+                 cuda_graph: bool = False, graph_bucket: int | None = None) -> None:
         """`slots`: runs trained at once (None: all); the rest wait and take the slots of runs that stop.
         `admit(run)` is called before a run starts (the runner adds its task to the model there; without it every
         run must already be a task of the model); `release(run)` once a stopped run has left the group (its
         on_finished call is done) and its task is no longer needed.
         `cuda_graph`: training steps padded to `graph_bucket`-token widths (default DEFAULT_GRAPH_BUCKET) and, on a
         GPU, each (live runs, shape) captured once as a CUDA graph and replayed (graphs.py); on a CPU the same
-        static-buffer step runs without capture. `compile_attention`: the training attention through inductor
-        (attention.py)."""
+        static-buffer step runs without capture."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
         if slots is not None and (not isinstance(slots, int) or slots < 1):
@@ -172,9 +171,6 @@ class GroupTrainer:
             raise ValueError(f"cuda_graph must be true or false, got {cuda_graph!r}")
         if graph_bucket is not None and (not isinstance(graph_bucket, int) or graph_bucket < 1):
             raise ValueError(f"graph_bucket must be a positive integer or None, got {graph_bucket!r}")
-        if not isinstance(compile_attention, bool):
-            raise ValueError(f"compile_attention must be true or false, got {compile_attention!r}")
-        self.compile_attention = compile_attention
         self.graph_bucket = (graph_bucket or DEFAULT_GRAPH_BUCKET) if cuda_graph else None
         self.step_graphs = GroupStepGraphs(self.device, torch.bfloat16 if mixed_precision == "bf16" else None) \
             if cuda_graph else None
@@ -191,7 +187,7 @@ class GroupTrainer:
         """The engine and row banks of the current members (`self.runs`, in slot order)."""
         for i, run in enumerate(self.runs):
             run.index = i
-        self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length, self.compile_attention)
+        self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length)
         self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device, self.graph_bucket,
                                   self.max_length)
         if self.step_graphs is not None:
