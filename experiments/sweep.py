@@ -98,9 +98,9 @@ def done_filter(runs_dir: Path, extra: list[str]):
 
 # --- planning (pure: tested on CPU for several devices) -------------------------------------------------------
 def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None,
-              task_factors: dict | None = None) -> list[dict]:
-    """Jobs (largest first): each a compatible group of up to `queued` runs (default max_runs) trained `max_runs`
-    at a time, or one run that must train alone. `task_factors` ((task, K) -> relative cost, from earlier records:
+              task_factors: dict | None = None) -> list[Job]:
+    """Jobs (largest first) of overrides, which the pool's workers compose: each a compatible group of up to `queued`
+    runs (default max_runs) trained `max_runs` at a time, or one run that must train alone. `task_factors` ((task, K) -> relative cost, from earlier records:
     `task_factors_from`) put the groups that ran longest before first, so they do not end the sweep alone."""
     factors = task_factors or {}
     from unipelt.grouping.runner import partition, solo_reason
@@ -119,14 +119,14 @@ def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: 
         (grouped if groupable else solo).append(p)
     total = max(max_runs, queued or max_runs)
     # a group's step costs about sqrt(runs at once) of one run's; its steps are the sum of its runs' over its slots
-    jobs = [{"runs": [g.overrides for g in group], "slots": max_runs,
-             "cost": sum(_cost(g, factors) for g in group) / min(len(group), max_runs) ** 0.5, "solo": False}
+    jobs = [Job(None, [g.overrides for g in group], max_runs,
+                sum(_cost(g, factors) for g in group) / min(len(group), max_runs) ** 0.5)
             for group in partition(grouped, total)]
-    jobs += [{"runs": [p.overrides], "cost": 2 * _cost(p, factors), "solo": True} for p in solo]
-    return sorted(jobs, key=lambda j: -j["cost"])
+    jobs += [Job(None, [p.overrides], 1, 2 * _cost(p, factors), solo=True) for p in solo]
+    return sorted(jobs, key=lambda j: -j.cost)
 
 
-def plan_sweep(args, todo: list[list[str]], extra: list[str], devices: list[str]) -> tuple[int, list[dict]]:
+def plan_sweep(args, todo: list[list[str]], extra: list[str], devices: list[str]) -> tuple[int, list[Job]]:
     """(runs trained at once per group, jobs largest first) for the grid points `todo`: what a grouped sweep runs
     and what --dry-run shows."""
     composer = Composer(extra)
@@ -138,7 +138,7 @@ def plan_sweep(args, todo: list[list[str]], extra: list[str], devices: list[str]
     return max_runs, plan_jobs(todo, composer, max_runs, args.queue, factors)
 
 
-def simulate_makespan(jobs: list[dict], workers: int) -> float:
+def simulate_makespan(jobs: list[Job], workers: int) -> float:
     """When the last of `jobs` (in order) ends if each of `workers` processes takes the next job as soon as it is
     free and a job lasts its planned cost: the planner's view of how well the jobs balance over the workers (it
     ignores that jobs sharing a device slow each other down, and that early stopping makes real times differ)."""
@@ -146,7 +146,7 @@ def simulate_makespan(jobs: list[dict], workers: int) -> float:
 
     free = [0.0] * max(1, workers)
     for job in jobs:
-        heapq.heappush(free, heapq.heappop(free) + job["cost"])
+        heapq.heappush(free, heapq.heappop(free) + job.cost)
     return max(free)
 
 
@@ -157,20 +157,20 @@ def dry_run(args, todo: list[list[str]], extra: list[str]) -> None:
     their longest run, so it ranks plans by how evenly they split, it does not predict a wall time."""
     devices = visible_devices(args.devices)
     max_runs, jobs = plan_sweep(args, todo, extra, devices)
-    groups = [j for j in jobs if not j["solo"]]
+    groups = [j for j in jobs if not j.solo]
     print(f"dry run: {len(todo)} runs in {len(groups)} groups (at most {max_runs} at a time) and "
           f"{len(jobs) - len(groups)} runs that train alone")
     lines: dict[str, int] = {}  # identical jobs (e.g. the fine-tuning runs of one task) on one line
     for job in jobs:
-        axis = dict(o.split("=", 1) for o in job["runs"][0])
-        kind = "alone" if job["solo"] else f"group of {len(job['runs'])}"
-        line = f"{kind:12s} task={axis.get('task')} k={axis.get('data.k')} planned cost {job['cost']:.0f}"
+        axis = dict(o.split("=", 1) for o in job.overrides[0])
+        kind = "alone" if job.solo else f"group of {len(job.overrides)}"
+        line = f"{kind:12s} task={axis.get('task')} k={axis.get('data.k')} planned cost {job.cost:.0f}"
         lines[line] = lines.get(line, 0) + 1
     for line, count in lines.items():
         print(f"  {count:3d} x {line}")
     if not groups:
         return
-    total = sum(j["cost"] for j in groups)
+    total = sum(j.cost for j in groups)
     one = simulate_makespan(groups, args.workers_per_device)
     for n in sorted({1, 2, len(devices)}):
         workers = n * args.workers_per_device
@@ -257,15 +257,14 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
 
     # the workers start first: their imports (torch, transformers; seconds) overlap the planning here
     with WorkerPool(devices, args.workers_per_device, n_solo, threads=args.threads, compose=Composer(extra)) as pool:
-        max_runs, planned = plan_sweep(args, todo, extra, devices)
-        sizes = [len(j["runs"]) for j in planned]
+        max_runs, jobs = plan_sweep(args, todo, extra, devices)
+        sizes = [len(j.overrides) for j in jobs]
         at_once = f", {max_runs} at a time" if max(sizes) > max_runs else ""
-        print(f"{len(todo)} runs in {len(planned)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
+        print(f"{len(todo)} runs in {len(jobs)} jobs (group sizes {sorted(sizes, reverse=True)}{at_once}) on "
               f"{len(devices)} device(s) x {args.workers_per_device} worker(s)", flush=True)
-        if n_solo and any(j["solo"] for j in planned):
-            print(f"+ {n_solo} worker(s) per device for the {sum(j['solo'] for j in planned)} runs that train alone",
+        if n_solo and any(j.solo for j in jobs):
+            print(f"+ {n_solo} worker(s) per device for the {sum(j.solo for j in jobs)} runs that train alone",
                   flush=True)
-        jobs = [Job(None, j["runs"], j.get("slots", 1), j["cost"], j["solo"]) for j in planned]
         deadline = None if args.deadline is None else time.monotonic() + args.deadline - (time.perf_counter() - start)
         results = pool.run(jobs, on_result, deadline)
     not_started = sum(len(j.overrides) for j, r in zip(jobs, results) if r is None)

@@ -423,13 +423,13 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     todo = [o for o in sweep.grid(type("A", (), {"ks": "100,500", "seeds": "111,222", "tasks": "rte,stsb",
                                                  "methods": "finetune,lora,unipelt_apl"})())]
     jobs = sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=16)
-    sizes = sorted(len(j["runs"]) for j in jobs)
+    sizes = sorted(len(j.overrides) for j in jobs)
     assert sizes == [1] * 8 + [4] * 4  # 8 fine-tuning runs alone, one group per (task, K)
     for job in jobs:  # a group never mixes tasks or K
         keys = {(dict(o.split("=", 1) for o in r)["task"], dict(o.split("=", 1) for o in r)["data.k"])
-                for r in job["runs"]}
+                for r in job.overrides}
         assert len(keys) == 1
-    costs = [j["cost"] for j in jobs]
+    costs = [j.cost for j in jobs]
     assert costs == sorted(costs, reverse=True)  # largest first: the longest groups start first
     # plans are made once per grid point other than the data seed; the seed's own plan is derived exactly
     from unipelt.plan import plan
@@ -442,9 +442,9 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
             assert (derived.data_seed, derived.run_id, derived.run_dir) == (full.data_seed, full.run_id, full.run_dir)
             assert derived.run_id != first.run_id
     # 4 runs per (task, K) at most 3 a group: 2 + 2, not 3 + a group of one
-    assert sorted(len(j["runs"]) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 8 + [2] * 8
-    queued = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=2, queued=4) if not j["solo"]]
-    assert [(len(j["runs"]), j["slots"]) for j in queued] == [(4, 2)] * 4  # 4 runs per group, 2 at a time
+    assert sorted(len(j.overrides) for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=3)) == [1] * 8 + [2] * 8
+    queued = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=2, queued=4) if not j.solo]
+    assert [(len(j.overrides), j.slots) for j in queued] == [(4, 2)] * 4  # 4 runs per group, 2 at a time
     # earlier records rank the tasks: STS-B runs took 3x RTE's at K=100 (and a fine-tuning record is ignored)
     history = tmp_path / "history"
     for i, (task, method, secs) in enumerate([("stsb", "lora", 30.0), ("stsb", "adapter", 30.0), ("rte", "lora", 10.0),
@@ -457,17 +457,18 @@ def test_the_sweep_plans_groups_and_spreads_them_over_every_device(tmp_path):
     (history / "broken" / "record.json").write_text("{not json")
     factors = sweep.task_factors_from([str(history)])
     assert factors == pytest.approx({("stsb", "100"): 1.5, ("rte", "100"): 0.5})
-    ranked = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=16, task_factors=factors) if not j["solo"]]
-    first = [dict(o.split("=", 1) for o in j["runs"][0]) for j in ranked]
+    ranked = [j for j in sweep.plan_jobs(todo, sweep.Composer(extra), max_runs=16, task_factors=factors) if not j.solo]
+    first = [dict(o.split("=", 1) for o in j.overrides[0]) for j in ranked]
     # K=500 has no history (factor 1, grid order kept); at K=100 STS-B now goes before RTE
     assert [(f["task"], f["data.k"]) for f in first] == [("rte", "500"), ("stsb", "500"), ("stsb", "100"), ("rte", "100")]
-    plain = [j["cost"] for j in jobs if not j["solo"] and "data.k=100" in j["runs"][0]]
+    plain = [j.cost for j in jobs if not j.solo and "data.k=100" in j.overrides[0]]
     assert plain[0] == plain[1]  # without history, the two K=100 groups cost the same
     # solo runs (fine-tuning) go to their own workers on a GPU; group workers take them only once no group is left
     assert sweep.solo_workers(["cuda:0"], None) == 4 and sweep.solo_workers(["cpu"], None) == 0
-    from unipelt.grouping.pool import Job, next_job
+    from unipelt.grouping.pool import next_job
 
-    pending = [Job(None, j["runs"], j.get("slots", 1), j["cost"], j["solo"]) for j in jobs]
+    assert all(j.cfgs is None and j.slots == (1 if j.solo else 16) for j in jobs)  # the workers compose the overrides
+    pending = list(jobs)
     assert next_job(pending, solo_only=True).solo
     firsts = [next_job(pending, solo_only=False) for _ in range(4)]
     assert [len(j.overrides) for j in firsts] == [4] * 4
@@ -621,11 +622,13 @@ def test_simulated_makespan_hands_each_job_to_the_first_free_worker():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import sweep
 
-    jobs = [{"cost": c} for c in (3, 3, 2, 2, 2)]
+    from unipelt.grouping.pool import Job
+
+    jobs = [Job(None, None, 1, c) for c in (3, 3, 2, 2, 2)]
     assert sweep.simulate_makespan(jobs, 1) == 12
     assert sweep.simulate_makespan(jobs, 2) == 7  # 3 + 2 + 2 on one worker, 3 + 2 on the other
     assert sweep.simulate_makespan(jobs, 5) == 3
-    assert sweep.simulate_makespan([{"cost": 1}] * 4, 2) == 2
+    assert sweep.simulate_makespan([Job(None, None, 1, 1.0)] * 4, 2) == 2
 
 
 def test_a_dry_run_prints_the_plan_and_how_it_balances_and_trains_nothing(tmp_path, capsys):
