@@ -519,7 +519,9 @@ def test_bad_group_settings_are_clear_errors_and_touch_nothing(tmp_path):
     for overrides, message in ((["group.max_runs=0"], "group.max_runs must be a positive integer or null, got 0"),
                                (["group.enabled=maybe"], "group.enabled must be true or false, got 'maybe'"),
                                (["group.eval_rows=0"], "group.eval_rows must be a positive integer or null, got 0"),
-                               (["group.queue=-2"], "group.queue must be a positive integer or null, got -2")):
+                               (["group.queue=-2"], "group.queue must be a positive integer or null, got -2"),
+                               (["group.cuda_graph=maybe"], "group.cuda_graph must be true or false, got 'maybe'"),
+                               (["group.graph_bucket=0"], "group.graph_bucket must be a positive integer or null, got 0")):
         cfg = config("method=lora", *overrides, f"output.runs_dir={tmp_path / 'runs'}")
         with pytest.raises(ConfigError, match=message):
             plan(cfg)
