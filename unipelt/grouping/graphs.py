@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from ..training.cuda_graph import _ShapeGraphs
+from ..training.cuda_graph import ShapeGraphs
 from .noise import NoiseBatch
 
 
-class GroupStepGraphs(_ShapeGraphs):
+class GroupStepGraphs(ShapeGraphs):
     def __init__(self, device, autocast_dtype: torch.dtype | None, warmup: int = 1, max_shapes: int = 32) -> None:
         super().__init__(device, autocast_dtype, warmup, max_shapes, share_pool=True)
         self.noise: dict[tuple, NoiseBatch] = {}  # (live runs, rows per run) -> static noise buffers
         self.eager_steps = 0
 
-    def reset(self, engine) -> None:
+    def reset(self) -> None:
         """A new engine (a re-formed group): no graph or buffer of the old one applies."""
         self.drop(lambda key: False)
         self.noise.clear()

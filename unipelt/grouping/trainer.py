@@ -101,7 +101,7 @@ class RowBank:
         self.device = device
 
     def batch(self, rows: list[int]) -> dict:
-        """Inputs of `rows`, padded to their longest row. No host sync: the row list reaches the device through a
+        """Inputs of `rows`, padded to `width` of their longest row. No host sync: the row list reaches the device through a
         non-blocking copy and the mask is built there, so the host can queue steps ahead of the GPU."""
         width = self.width(max(self.lengths[i] for i in rows))
         index = to_device(rows, torch.long, self.device)
@@ -191,7 +191,7 @@ class GroupTrainer:
         self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device, self.graph_bucket,
                                   self.max_length)
         if self.step_graphs is not None:
-            self.step_graphs.reset(self.engine)  # a new engine: new stacks, so no captured step applies any more
+            self.step_graphs.reset()  # a new engine: new stacks, so no captured step applies any more
         self.dev_bank = RowBank([r.dev for r in self.runs], self.pad_id, self.device)
         self._eval_plans: dict[tuple, tuple] = {}  # see _eval_plan
 
@@ -477,19 +477,7 @@ class GroupTrainer:
                     r.state["step"] += 1
                 self.step_optimizers(runs, stacked=False)  # the stacks' update is part of the graphed step
             else:
-                noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows, has_prefix, width,
-                                   self.device)
-                with self.autocast():
-                    logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
-                raw = losses = self.engine.losses(logits, labels, valid)
-                for r in runs:
-                    r.state["step"] += 1
-                losses = self._inject_nan(runs, losses)
-                for r in runs:
-                    r.optimizer.zero_grad(set_to_none=True)
-                self.stacked_adam.zero_grad()
-                losses.sum().backward()
-                self.step_optimizers(runs)
+                raw, losses = self._eager_step(runs, batch, labels, valid, valid_rows, has_prefix, width)
             if self.step_losses is not None:
                 for r, value in zip(runs, raw.tolist()):
                     self.step_losses.setdefault(r.name, []).append(value)
@@ -516,6 +504,24 @@ class GroupTrainer:
         for run, metrics in zip(survivors, dev_metrics):
             run.state["eval_time"] += eval_share
             self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
+
+    def _eager_step(self, runs: list[GroupRun], batch: dict, labels: torch.Tensor, valid: torch.Tensor | None,
+                    valid_rows: list[int], has_prefix: list[bool], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of `runs`, op by op: (losses, losses after NaN injection), (R,) each."""
+        noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows, has_prefix, width,
+                           self.device)
+        with self.autocast():
+            logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
+        raw = self.engine.losses(logits, labels, valid)
+        for r in runs:
+            r.state["step"] += 1
+        losses = self._inject_nan(runs, raw)
+        for r in runs:
+            r.optimizer.zero_grad(set_to_none=True)
+        self.stacked_adam.zero_grad()
+        losses.sum().backward()
+        self.step_optimizers(runs)
+        return raw, losses
 
     def step_optimizers(self, runs: list[GroupRun], stacked: bool = True) -> None:
         """Each run's AdamW step, then its schedule. The stacked parameters (most of them) are updated stack by stack

@@ -55,7 +55,7 @@ class _Shape:
         self.seen = 0
 
 
-class _ShapeGraphs:
+class ShapeGraphs:
     """What a graphed training step and a graphed forward share: static input buffers per batch shape (the first
     `max_shapes` shapes seen; others run eagerly), `warmup` eager calls of a shape on a side stream, then one
     capture and replays. On a CPU the same static-buffer path runs without capture. Subclasses say what an eager
@@ -129,7 +129,7 @@ class _ShapeGraphs:
         return shape.output
 
 
-class GraphedTrainStep(_ShapeGraphs):
+class GraphedTrainStep(ShapeGraphs):
     """Callable `step(batch) -> loss` doing zero-grad, forward, backward and `optimizer.step()`.
 
     `loss_fn(batch) -> scalar loss` is the model call (autocast is applied here, with the weight-cast cache
@@ -186,7 +186,7 @@ class GraphedTrainStep(_ShapeGraphs):
         return graph, loss.detach()
 
 
-class GraphedForward(_ShapeGraphs):
+class GraphedForward(ShapeGraphs):
     """Callable `forward(batch) -> output` for evaluation and inference (no autograd): one CUDA graph per batch
     shape, for the first `max_shapes` shapes seen (with length buckets: one per bucket width, plus a short last
     batch); other shapes run eagerly. The returned tensor is a static buffer that the next call of the same shape
