@@ -154,3 +154,27 @@ def test_captured_group_steps_replay_the_eager_static_step_on_cuda(tmp_path):
                                    equal_nan=True)
         for key, value in ref_params[name].items():
             torch.testing.assert_close(params[name][key], value, rtol=0, atol=1e-5, equal_nan=True)
+
+
+def test_a_sweep_with_group_cuda_graph_records_it_and_scores_like_the_eager_sweep(tmp_path):
+    """Through the runner (what `unipelt -m` and experiments/sweep.py call): two runs with group.cuda_graph=true train
+    in one group, their records carry the setting, and their scores are those of the eager group (fp32 CPU: the
+    padding only changes rounding)."""
+    from test_grouping import TINY
+
+    from unipelt.grouping.runner import execute_many
+
+    def cfgs(runs_dir, *extra):
+        return [config(*TINY, f"method={m}", "train.epochs=2", f"output.runs_dir={runs_dir}",
+                       "output.save_modules=false", *extra) for m in ("lora", "unipelt_apl")]
+
+    graphed = execute_many(cfgs(tmp_path / "graphed", "group.cuda_graph=true", "group.graph_bucket=8"))
+    eager = execute_many(cfgs(tmp_path / "eager"))
+    assert [o.status for o in graphed] == [o.status for o in eager] == ["complete"] * 2
+    for g, e in zip(graphed, eager):
+        assert g.record["group_size"] == e.record["group_size"] == 2
+        assert g.record["config"]["group"]["cuda_graph"] is True and g.record["config"]["group"]["graph_bucket"] == 8
+        assert e.record["config"]["group"]["cuda_graph"] is False
+        assert g.record["test_score"] == pytest.approx(e.record["test_score"], abs=1e-5)
+        assert [h["train_loss"] for h in g.record["history"]] == pytest.approx(
+            [h["train_loss"] for h in e.record["history"]], abs=1e-5)
