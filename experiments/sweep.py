@@ -100,8 +100,9 @@ def done_filter(runs_dir: Path, extra: list[str]):
 def plan_jobs(todo: list[list[str]], composer: Composer, max_runs: int, queued: int | None = None,
               task_factors: dict | None = None) -> list[Job]:
     """Jobs (largest first) of overrides, which the pool's workers compose: each a compatible group of up to `queued`
-    runs (default max_runs) trained `max_runs` at a time, or one run that must train alone. `task_factors` ((task, K) -> relative cost, from earlier records:
-    `task_factors_from`) put the groups that ran longest before first, so they do not end the sweep alone."""
+    runs (default max_runs) trained `max_runs` at a time, or one run that must train alone. `task_factors`
+    ((task, K) -> relative cost, from earlier records: `task_factors_from`) put the groups that ran longest before
+    first, so they do not end the sweep alone."""
     factors = task_factors or {}
     from unipelt.grouping.runner import partition, solo_reason
     from unipelt.plan import plan

@@ -156,10 +156,6 @@ class NoiseBatch:
         cols = self._view(self.prefix, self.layout.prefix_sites, ("probs", layer)).flatten(0, 1)
         return tokens, cols[..., :length, :prefix]
 
-    def probs_keep(self, layer: int, p: float, length: int, prefix: int) -> torch.Tensor:
-        """(R*B, H, T, P+T) keep mask for the attention probabilities of `layer` (prefix columns first)."""
-        return keep_mask(*self.probs_noise(layer, length, prefix), p)
-
 
 def keep_mask(tokens: torch.Tensor, prefix: torch.Tensor | None, p: float) -> torch.Tensor:
     """Keep mask (prefix columns first) from the noise views of `NoiseBatch.probs_noise`."""

@@ -237,8 +237,9 @@ def maybe_mps(devices: list[str], mode: str):
 def run_jobs(jobs: list[Job], devices: list[str], workers_per_device: int = 1, mps: str = "auto",
              solo_per_device: int = 0) -> list[list]:
     """Every job's outcomes (execute_many's, in the job's run order), running `workers_per_device` processes per
-    device (WorkerPool) and `solo_per_device` more for the lone runs (`Job.solo`), under MPS per `mps`. A job whose worker breaks (a bug, a killed process) gets an 'error'
-    outcome per run; the records its runs wrote stay, and re-running the sweep resumes them."""
+    device (WorkerPool) and `solo_per_device` more for the lone runs (`Job.solo`), under MPS per `mps`. A job whose
+    worker breaks (a bug, a killed process) gets an 'error' outcome per run; the records its runs wrote stay, and
+    re-running the sweep resumes them."""
     check_pool_settings(devices, workers_per_device, solo_per_device)
     if not jobs:  # everything was skipped or refused: no workers, no MPS daemon
         return []

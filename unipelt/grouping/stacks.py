@@ -151,10 +151,9 @@ class StackedAdamW:
 
     def step(self, members: list[int]) -> None:
         """One update of the rows of `members` (positions in the member list; their gradients in the leaves)."""
-        self.load_from_optimizers()  # stacks made since the last step
         if not any(s.leaf.grad is not None for s in self.stacks):
             return
-        self.apply(self.table(members))
+        self.apply(self.table(members))  # apply loads the moments of stacks made since the last step
 
     def table(self, members: list[int]) -> torch.Tensor:
         """Count one update of `members` and give the (members + 1, COLUMNS) device table of this update's per-row

@@ -101,8 +101,8 @@ class RowBank:
         self.device = device
 
     def batch(self, rows: list[int]) -> dict:
-        """Inputs of `rows`, padded to `width` of their longest row. No host sync: the row list reaches the device through a
-        non-blocking copy and the mask is built there, so the host can queue steps ahead of the GPU."""
+        """Inputs of `rows`, padded to `width` of their longest row. No host sync: the row list reaches the device
+        through a non-blocking copy and the mask is built there, so the host can queue steps ahead of the GPU."""
         width = self.width(max(self.lengths[i] for i in rows))
         index = to_device(rows, torch.long, self.device)
         ids = self.ids.index_select(0, index)[:, :width]

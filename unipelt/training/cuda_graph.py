@@ -81,7 +81,8 @@ class ShapeGraphs:
         """Forget the graphs (and static buffers) of the keys for which `keep(key)` is false."""
         self.shapes = {k: v for k, v in self.shapes.items() if keep(k)}
         if self.pool is not None and not any(s.graph is not None for s in self.shapes.values()):
-            self.pool = torch.cuda.graph_pool_handle()  # a shared pool goes with its last graph: captures need a new one
+            # a shared pool goes with its last graph: later captures need a new one
+            self.pool = torch.cuda.graph_pool_handle()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
