@@ -6,6 +6,7 @@ import torch
 from helpers import batch, model_with, randomize_
 
 from unipelt.gates import Gate, GateBank
+from unipelt.projections import ProjectionBank, stacked_linear
 from unipelt.state import ForwardState
 
 
@@ -27,14 +28,40 @@ def test_gate_bank_equals_each_gate_alone_in_values_and_gradients(pooling):
         g.proj.weight.grad = None
     state = ForwardState()
     state.begin(mask, torch.float32)
-    bank = GateBank(state, "layer0")
+    projections = ProjectionBank(state, "layer0")
+    other = torch.nn.Parameter(torch.randn(5, 16))  # another reader of the same tensor (as LoRA's A is)
+    other_columns = projections.add("t", lambda: (other, None))
+    bank = GateBank(state, "layer0", projections)
     values = [bank.add("t", g, lambda: hidden) for g in gates]
     together = torch.stack([v() for v in values], 1)
     assert torch.allclose(together, alone, atol=1e-6)
-    together.sum().backward()
+    assert torch.allclose(other_columns(hidden), hidden @ other.t(), atol=1e-6)
+    assert len([k for k in state.cache if k[0] == "projection_bank"]) == 1  # the gates and `other`: one matmul
+    (together.sum() + other_columns(hidden).sum()).backward()
     for g, expected in zip(gates, grads_alone):
         assert torch.allclose(g.proj.weight.grad, expected, atol=1e-6)
         assert g.last is not None and g.last.shape == (4,)
+    assert torch.allclose(other.grad, hidden.sum((0, 1)).expand(5, -1), atol=1e-5)
+
+
+def test_stacked_linear_equals_each_linear_and_pads_its_output_rows_to_16_bytes():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    parts = [(torch.randn(n, 16, requires_grad=True), torch.randn(n, requires_grad=True) if i != 1 else None)
+             for i, n in enumerate((4, 8, 1))]  # 13 rows, one part without a bias
+    outs = stacked_linear(x, parts)
+    assert [o.shape[-1] for o in outs] == [4, 8, 1]
+    assert all(o.stride(-2) == 16 for o in outs)  # one (.., 16)-wide output: 13 columns + 3 of padding
+    expected = [torch.nn.functional.linear(x, w, b) for w, b in parts]
+    for o, e in zip(outs, expected):
+        assert torch.allclose(o, e, atol=1e-6)
+    sum(o.square().sum() for o in outs).backward()
+    grads = [t.grad.clone() for t in (x, *[w for w, _ in parts], parts[0][1], parts[2][1])]
+    for t in (x, *[w for w, _ in parts], parts[0][1], parts[2][1]):
+        t.grad = None
+    sum(e.square().sum() for e in expected).backward()
+    for got, t in zip(grads, (x, *[w for w, _ in parts], parts[0][1], parts[2][1])):
+        assert torch.allclose(got, t.grad, atol=1e-5)
 
 
 def test_compiled_model_matches_eager_logits_and_gradients():
@@ -134,8 +161,8 @@ def test_fused_qkv_projection_equals_the_three_linears_and_skips_their_forward(m
             linear.register_forward_hook(lambda *a: calls.append(1))
     fused = _logits_and_grads(model, ids, mask, labels)
     assert calls == []  # the fused matmul read the weights; no per-linear forward ran
-    real = PrefixAttentionSite.projections
-    monkeypatch.setattr(PrefixAttentionSite, "projections", lambda self, h, fused=True: real(self, h, fused=False))
+    real = PrefixAttentionSite._linear_outputs
+    monkeypatch.setattr(PrefixAttentionSite, "_linear_outputs", lambda self, h, fused=True: real(self, h, fused=False))
     separate = _logits_and_grads(model, ids, mask, labels)
     assert len(calls) == 3 * len(sites)
     _assert_same(fused, separate)
@@ -159,6 +186,12 @@ def test_fused_qkv_projection_trains_the_encoder_weights_it_concatenates():
     assert not torch.allclose(model(ids, mask).logits, logits, atol=1e-4)
 
 
+def _bank_parts(model) -> list[list[int]]:
+    """The output widths of each projection-bank matmul of the last forward, one list per matmul."""
+    return [[o.shape[-1] for o in v[1]] for k, v in model.state.cache.items()
+            if isinstance(k, tuple) and k[0] == "projection_bank"]
+
+
 def test_lora_query_and_value_share_one_down_projection_with_the_same_results(monkeypatch):
     """LoRA on query and value (the default) computes [A_q; A_v] x once per layer and forward; each target takes its
     slice. Same logits and gradients as one A x per target; a target on another input (the attention output)
@@ -173,16 +206,46 @@ def test_lora_query_and_value_share_one_down_projection_with_the_same_results(mo
         model = model_with(method).train()
         randomize_(model.tasks["t"])
         shared = _logits_and_grads(model, ids, mask, labels)
-        keys = [k for k in model.state.cache if isinstance(k, tuple) and k[0] == "lora_down"]
-        assert len(keys) == model.encoder.config.num_hidden_layers, method
-        assert all(model.state.cache[k][1].shape[-1] == 16 for k in keys)  # r=8 for query and for value
+        parts = _bank_parts(model)
+        assert len(parts) == model.encoder.config.num_hidden_layers, method
+        assert all(16 in widths for widths in parts)  # r=8 for query and for value, one part
         with monkeypatch.context() as m:  # the same model built with one A x per target
             m.setattr(LoraMethod, "_shared_down", lambda *a: None)
             alone = model_with(method).train()
         randomize_(alone.tasks["t"])
         separate = _logits_and_grads(alone, ids, mask, labels)
-        assert not any(isinstance(k, tuple) and k[0] == "lora_down" for k in alone.state.cache)
+        assert not any(16 in widths for widths in _bank_parts(alone))
         _assert_same(shared, separate)
     with_dropout = model_with(PeltConfig.from_dict({"methods": {"lora": {"dropout": 0.1}}})).train()
     with_dropout(*batch())
-    assert not any(isinstance(k, tuple) and k[0] == "lora_down" for k in with_dropout.state.cache)
+    assert _bank_parts(with_dropout) == []
+
+
+def test_maps_of_one_tensor_run_as_one_matmul_with_the_same_results(monkeypatch):
+    """unipelt_apl: per layer, the prefix gate, the two LoRA gates and [A_q; A_v] are one matmul of the layer input,
+    and each adapter's down-projection and gate one matmul of the adapter's input. Same logits and gradients as one
+    matmul per map."""
+    import torch.nn.functional as F
+
+    from unipelt import projections
+    from unipelt.methods import adapter
+
+    model = model_with("unipelt_apl").train()
+    randomize_(model.tasks["t"])
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+    calls = []
+    real = projections.stacked_linear
+
+    def recording(x, parts):
+        calls.append(sorted(w.shape[0] for w, _ in parts))
+        return real(x, parts)
+
+    for module in (projections, adapter):
+        monkeypatch.setattr(module, "stacked_linear", recording)
+    fused = _logits_and_grads(model, ids, mask, labels)
+    layers, bottleneck = model.encoder.config.num_hidden_layers, model.tasks["t"].methods["adapter"].bottleneck_dim
+    assert sorted(calls) == sorted([[3, 16]] * layers + [[1, bottleneck]] * layers)
+    for module in (projections, adapter):
+        monkeypatch.setattr(module, "stacked_linear", lambda x, parts: [F.linear(x, w, b) for w, b in parts])
+    _assert_same(fused, _logits_and_grads(model, ids, mask, labels))

@@ -6,13 +6,15 @@ restores the original behaviour.
 
 Speed: the token weights of the average are computed once per forward (`pool_weights`), and all gates that
 read the same tensor (e.g. the prefix and LoRA gates of one layer, which read the layer input) are evaluated
-together by a `GateBank`: one matmul, one sigmoid and one weighted sum for all of them instead of ~8 small
-kernels each.
+together by a `GateBank`: one sigmoid and one weighted sum for all of them instead of ~8 small kernels each, their
+projections taken in the layer's one `ProjectionBank` matmul (with LoRA's down-projections).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .projections import ProjectionBank
 
 GATE_POOLINGS = ("masked", "all")
 
@@ -45,26 +47,45 @@ class Gate(nn.Module):
         self.last: torch.Tensor | None = None  # gate values of the last forward, (B,), detached
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
-        per_token = torch.sigmoid(self.proj(hidden))  # (B, T, 1)
-        weights = pool_weights(mask, hidden.shape[1], self.pooling, per_token, cache)
-        value = torch.bmm(weights, per_token).view(-1)
+        return self.pooled(self.proj(hidden), mask, cache)
+
+    def pooled(self, logits: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+        """The gate's (B,) value from its per-token logits `proj(hidden)` (B, T, 1), computed here or elsewhere (one
+        matmul with other maps of the same tensor, see projections.py)."""
+        value = pooled_sigmoid(logits, mask, self.pooling, cache).view(-1)
         self.last = value.detach()
         return value
 
 
-class GateBank:
-    """Evaluates several gates that read the same hidden states in one pass; results cached per forward."""
+def pooled_sigmoid(logits: torch.Tensor, mask: torch.Tensor | None, pooling: str, cache: dict | None) -> torch.Tensor:
+    """(B, n): the average over tokens of sigmoid(`logits`) (B, T, n), as `pooling` says."""
+    per_token = torch.sigmoid(logits)
+    weights = pool_weights(mask, logits.shape[1], pooling, per_token, cache)
+    return torch.bmm(weights, per_token).squeeze(1)
 
-    def __init__(self, state, key) -> None:
+
+class GateBank:
+    """Evaluates several gates that read the same hidden states in one pass; results cached per forward.
+
+    The gates' projections are one part of `projections`, the bank of linear maps of that tensor (one matmul with,
+    e.g., LoRA's down-projections of the same layer input)."""
+
+    def __init__(self, state, key, projections: ProjectionBank) -> None:
         self.state = state
         self.key = key
+        self.projections = projections
         self.gates: dict[str, list[Gate]] = {}  # task -> gates in registration order
+        self._logits: dict[str, object] = {}  # task -> its gates' columns of the projection bank
 
     def add(self, task: str, gate: Gate, source) -> "callable":
         """Register `gate` (reading `source()`), returning a function that yields its (B,) value."""
         gates = self.gates.setdefault(task, [])
         index = len(gates)
         gates.append(gate)
+        if task not in self._logits:  # one part for all of the task's gates, stacked when read
+            self._logits[task] = self.projections.add(task, lambda: (
+                torch.cat([g.proj.weight for g in self.gates[task]], 0),
+                torch.cat([g.proj.bias for g in self.gates[task]], 0)))
 
         def value() -> torch.Tensor:
             return self._values(task, source)[:, index]
@@ -76,12 +97,7 @@ class GateBank:
         cache = self.state.cache
         if cache_key not in cache:
             gates = self.gates[task]
-            hidden = source()
-            weight = torch.cat([g.proj.weight for g in gates], 0)  # (n, h)
-            bias = torch.cat([g.proj.bias for g in gates], 0)
-            per_token = torch.sigmoid(nn.functional.linear(hidden, weight, bias))  # (B, T, n)
-            weights = pool_weights(self.state.mask, hidden.shape[1], gates[0].pooling, per_token, cache)
-            values = torch.bmm(weights, per_token).squeeze(1)  # (B, n)
+            values = pooled_sigmoid(self._logits[task](source()), self.state.mask, gates[0].pooling, cache)  # (B, n)
             detached = values.detach()
             for i, gate in enumerate(gates):
                 gate.last = detached[:, i]
@@ -90,6 +106,7 @@ class GateBank:
 
     def remove_task(self, task: str) -> None:
         self.gates.pop(task, None)
+        self._logits.pop(task, None)
 
 
 def scale(x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:

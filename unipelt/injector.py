@@ -6,6 +6,7 @@ from torch import nn
 
 from .backbones import BackboneMap
 from .gates import Gate, GateBank
+from .projections import ProjectionBank
 from .sites import ModuleSite, PrefixAttentionSite
 from .state import ForwardState
 
@@ -49,6 +50,7 @@ class Injector:
         self.num_layers = len(self.layers)
         self._sites: dict[tuple[int, str], nn.Module] = {}
         self._banks: dict[int, GateBank] = {}
+        self._projections: dict[int, ProjectionBank] = {}
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._record_input(i), with_kwargs=True)
 
@@ -71,8 +73,14 @@ class Injector:
 
         All such gates of a layer are computed together (see GateBank)."""
         if index not in self._banks:
-            self._banks[index] = GateBank(self.state, ("layer", index))
+            self._banks[index] = GateBank(self.state, ("layer", index), self.layer_projections(index))
         return self._banks[index].add(task, gate, lambda: self.layer_input(index))
+
+    def layer_projections(self, index: int) -> ProjectionBank:
+        """The bank of linear maps of layer `index`'s input (its gates, LoRA's down-projections): one matmul."""
+        if index not in self._projections:
+            self._projections[index] = ProjectionBank(self.state, ("layer", index))
+        return self._projections[index]
 
     # --- sites ------------------------------------------------------------------------------------------
     def site(self, index: int, path: str) -> ModuleSite:
@@ -126,5 +134,5 @@ class Injector:
     def remove_task(self, task: str) -> None:
         for site in self._sites.values():
             site.remove_task(task)
-        for bank in self._banks.values():
+        for bank in [*self._banks.values(), *self._projections.values()]:
             bank.remove_task(task)

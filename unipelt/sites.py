@@ -106,19 +106,33 @@ class PrefixAttentionSite(nn.Module):
         three forward, one input-gradient GEMM instead of three backward; the concatenation is a copy per forward, so
         weights that train, as in full fine-tuning, stay correct), then each site adds its task's deltas. Same values
         up to float rounding; where the linears are not plain nn.Linear of one input size, the per-linear path."""
+        return tuple(self._heads(y) for y in self._linear_outputs(hidden_states, fused))
+
+    def _linear_outputs(self, hidden_states: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, ...]:
+        """Query, key and value in (B, T, H * D), as the linears (and their sites) give them."""
         modules = [self.base.get_submodule(self._paths[role]) for role in ("query", "key", "value")]
         linears = [m.base if isinstance(m, ModuleSite) else m for m in modules]
         if fused and _fusable(modules, linears):
             weight = torch.cat([lin.weight for lin in linears], 0)
             bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], 0)
             outs = F.linear(hidden_states, weight, bias).split([lin.out_features for lin in linears], dim=-1)
-            return tuple(self._heads(m.finish(hidden_states, y) if isinstance(m, ModuleSite) else y)
-                         for m, y in zip(modules, outs))
-        return tuple(self._heads(m(hidden_states)) for m in modules)
+            return tuple(m.finish(hidden_states, y) if isinstance(m, ModuleSite) else y for m, y in zip(modules, outs))
+        return tuple(m(hidden_states) for m in modules)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _with_prefix(self, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[prefix; tokens] keys or values as a (B, H, P + T, D) view of a (B, P + T, H, D) tensor.
+
+        The concatenation runs along the sequence in the projection's own layout (rows of H * D contiguous values),
+        and so does its backward, which slices the tokens' gradient back out for the q/k/v matmul. Concatenating in
+        (B, H, T, D) instead transposes in both directions: on an H100 that backward was the step's largest
+        elementwise kernel (0.42 of 9.8 ms, BERT-base, batch 32)."""
+        b, t, _ = x.shape
+        tokens = x.view(b, t, self.num_heads, self.head_dim)
+        return torch.cat([prefix.transpose(1, 2).to(x.dtype), tokens], dim=1).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *, score_bias=None, **kwargs):
         """`score_bias` (optional, B x H x T x T): added to the token-token attention scores of the recomputed
@@ -131,9 +145,8 @@ class PrefixAttentionSite(nn.Module):
             return self.base(hidden_states, attention_mask=attention_mask, **kwargs)
         prefix_k, prefix_v = fn(hidden_states)  # (B, H, P, D) each
         base = self.base
-        q, k, v = self.projections(hidden_states)  # sites (LoRA, BitFit) included
-        k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
-        v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
+        q, k, v = self._linear_outputs(hidden_states)  # sites (LoRA, BitFit) included
+        q, k, v = self._heads(q), self._with_prefix(prefix_k, k), self._with_prefix(prefix_v, v)
         mask = self._state.key_mask(prefix_k.shape[2])
         if score_bias is not None:
             mask = self._with_score_bias(mask, score_bias, prefix_k.shape[2], q.dtype)

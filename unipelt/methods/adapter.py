@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..gates import Gate, scale
+from ..projections import stacked_linear
 from .base import MethodConfig, PeltMethod, register_method
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
@@ -46,10 +47,12 @@ class Bottleneck(nn.Module):
         self.gate = gate
 
     def apply(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:  # type: ignore[override]
-        update = self.up(self.act(self.down(x)))
-        if self.gate is not None:
-            update = scale(update, self.gate(x, mask, cache))  # the gate reads the adapter's own input
-        return x + update
+        if self.gate is None:
+            return x + self.up(self.act(self.down(x)))
+        # the gate reads the adapter's own input: its projection and the down-projection are one matmul
+        hidden, logits = stacked_linear(x, [(self.down.weight, self.down.bias),
+                                            (self.gate.proj.weight, self.gate.proj.bias)])
+        return x + scale(self.up(self.act(hidden)), self.gate.pooled(logits, mask, cache))
 
 
 @register_method

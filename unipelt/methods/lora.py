@@ -74,12 +74,12 @@ class LoraMethod(PeltMethod):
         for role, updates in self.updates.items():
             for i, update in enumerate(updates):
                 gate = injector.layer_gate(i, task, self.gate_modules[role][i]) if role in self.gate_modules else None
-                injector.linear_site(i, role).add_delta(task, self._delta(role, i, gate, injector.state, task))
+                injector.linear_site(i, role).add_delta(task, self._delta(role, i, gate, injector, task))
 
-    def _delta(self, role: str, layer: int, gate, state, task: str):
+    def _delta(self, role: str, layer: int, gate, injector, task: str):
         cfg = self.config
         update = self.updates[role][layer]
-        down = self._shared_down(role, layer, state, task)
+        down = self._shared_down(role, layer, injector, task)
 
         def delta(x: torch.Tensor) -> torch.Tensor:
             out = update(x) if down is None else down(x) @ update.B.t()
@@ -90,25 +90,19 @@ class LoraMethod(PeltMethod):
 
         return delta
 
-    def _shared_down(self, role: str, layer: int, state, task: str):
+    def _shared_down(self, role: str, layer: int, injector, task: str):
         """A x for `role`, computed for all of the layer's targets that read the same input (query, key and value read
-        the layer's hidden states) as one matmul over their stacked A: the first target's call computes it, the others
-        take their slice from the forward's cache. None (each its own matmul) with LoRA dropout, whose masks are drawn
-        per target, or when the targets' input sizes differ."""
+        the layer's hidden states) as one part of the layer input's projection bank: one matmul over their stacked A
+        and the layer's gates (projections.py); each target takes its slice. None (each its own matmul) with LoRA
+        dropout, whose masks are drawn per target, or when the targets' input sizes differ."""
         roles = [ro for ro in self.updates if ro in SAME_INPUT]
         sizes = {self.updates[ro][layer].A.shape[1] for ro in roles}
-        if self.config.dropout or role not in roles or len(roles) < 2 or len(sizes) != 1:
+        if self.config.dropout or role not in roles or len(sizes) != 1:
             return None
-        r, index, key = self.config.r, roles.index(role), ("lora_down", task, layer)
-
-        def down(x: torch.Tensor) -> torch.Tensor:
-            hit = state.cache.get(key)
-            if hit is None or hit[0] is not x:  # another input (a target reading another tensor): compute anew
-                stacked = torch.cat([self.updates[ro][layer].A for ro in roles], 0)
-                hit = state.cache[key] = (x, x @ stacked.t())
-            return hit[1][..., index * r:(index + 1) * r]
-
-        return down
+        r, index = self.config.r, roles.index(role)
+        columns = injector.layer_projections(layer).add(  # one part for all targets: the first registers it
+            task, lambda: (torch.cat([self.updates[ro][layer].A for ro in roles], 0), None), name=("lora_down", id(self)))
+        return lambda x: columns(x)[..., index * r:(index + 1) * r]
 
     def gates(self) -> dict[str, list[Gate]]:
         return {f"lora_{role}": list(gs) for role, gs in self.gate_modules.items()}
