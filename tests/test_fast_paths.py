@@ -36,7 +36,7 @@ def test_gate_bank_equals_each_gate_alone_in_values_and_gradients(pooling):
     together = torch.stack([v() for v in values], 1)
     assert torch.allclose(together, alone, atol=1e-6)
     assert torch.allclose(other_columns(hidden), hidden @ other.t(), atol=1e-6)
-    assert len([k for k in state.cache if k[0] == "projection_bank"]) == 1  # the gates and `other`: one matmul
+    assert [len(done) for k, done in state.cache.items() if k[0] == "projection_bank"] == [1]  # one matmul
     (together.sum() + other_columns(hidden).sum()).backward()
     for g, expected in zip(gates, grads_alone):
         assert torch.allclose(g.proj.weight.grad, expected, atol=1e-6)
@@ -188,8 +188,8 @@ def test_fused_qkv_projection_trains_the_encoder_weights_it_concatenates():
 
 def _bank_parts(model) -> list[list[int]]:
     """The output widths of each projection-bank matmul of the last forward, one list per matmul."""
-    return [[o.shape[-1] for o in v[1]] for k, v in model.state.cache.items()
-            if isinstance(k, tuple) and k[0] == "projection_bank"]
+    return [[o.shape[-1] for o in outputs] for k, done in model.state.cache.items()
+            if isinstance(k, tuple) and k[0] == "projection_bank" for _, outputs in done]
 
 
 def test_lora_query_and_value_share_one_down_projection_with_the_same_results(monkeypatch):

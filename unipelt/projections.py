@@ -66,11 +66,15 @@ class ProjectionBank:
         return read
 
     def _outputs(self, task: str, x: torch.Tensor) -> list[torch.Tensor]:
-        key = ("projection_bank", self.key, task, id(x))
-        hit = self.state.cache.get(key)
-        if hit is None or hit[0] is not x:
-            hit = self.state.cache[key] = (x, stacked_linear(x, [get() for get in self.parts[task]]))
-        return hit[1]
+        # found by identity (`is`), not by id(x): torch.compile before 2.13 breaks the graph on id() of a tensor
+        # made inside it, and a broken graph loses inductor's fusions (unipelt lora 7.1 -> 9.0 ms on an H100)
+        done = self.state.cache.setdefault(("projection_bank", self.key, task), [])
+        for seen, outputs in done:
+            if seen is x:
+                return outputs
+        outputs = stacked_linear(x, [get() for get in self.parts[task]])
+        done.append((x, outputs))
+        return outputs
 
     def remove_task(self, task: str) -> None:
         self.parts.pop(task, None)
