@@ -249,3 +249,50 @@ def test_maps_of_one_tensor_run_as_one_matmul_with_the_same_results(monkeypatch)
     for module in (projections, adapter):
         monkeypatch.setattr(module, "stacked_linear", lambda x, parts: [F.linear(x, w, b) for w, b in parts])
     _assert_same(fused, _logits_and_grads(model, ids, mask, labels))
+
+
+def _matmuls(fn) -> int:
+    """How many matrix multiplications `fn()` runs (aten mm/addmm/bmm/baddbmm, counted as dispatched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {"mm", "addmm", "bmm", "baddbmm"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in names:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_aplb"])
+def test_inference_folds_lora_into_the_fused_qkv_matmul_with_the_same_logits(method, monkeypatch):
+    """Without gradients, LoRA's up-projections for query and value join the fused q/k/v matmul ([x | u] @ [W | B]^T):
+    two matmuls fewer per layer, the same logits as adding each LoRA delta (BitFit's deltas on the same linears still
+    added after). While training nothing is folded (the extended weight would get a gradient)."""
+    from unipelt.sites import ModuleSite
+
+    model = model_with(method).eval()
+    randomize_(model.tasks["t"])
+    ids, mask = batch()
+    with torch.no_grad():
+        folded_n = _matmuls(lambda: model(ids, mask))
+        folded = model(ids, mask).logits
+        with monkeypatch.context() as m:
+            m.setattr(ModuleSite, "factored", lambda self: [])
+            plain_n = _matmuls(lambda: model(ids, mask))
+            plain = model(ids, mask).logits
+    assert torch.allclose(folded, plain, atol=1e-6)
+    assert plain_n - folded_n == 2 * model.encoder.config.num_hidden_layers
+    model.train()
+    trained_n = _matmuls(lambda: model(ids, mask).logits.sum().backward())
+    model.eval()
+    with monkeypatch.context() as m:
+        m.setattr(ModuleSite, "factored", lambda self: [])
+        model.train()
+        assert _matmuls(lambda: model(ids, mask).logits.sum().backward()) == trained_n

@@ -21,12 +21,18 @@ class ModuleSite(nn.Module):
         super().__init__()
         self.base = base
         self._state = state
-        self._deltas: dict[str, list[Callable]] = {}
+        self._deltas: dict[str, list[tuple[Callable, Callable | None]]] = {}  # task -> (delta, its factors or None)
         self._posts: dict[str, list[Callable]] = {}
         self._replace: dict[str, Callable] = {}  # task -> a callable used instead of `base` (grouped dropout)
 
-    def add_delta(self, task: str, fn: Callable) -> None:
-        self._deltas.setdefault(task, []).append(fn)
+    def add_delta(self, task: str, fn: Callable, factors: Callable | None = None) -> None:
+        """`fn(x)`: what to add to base(x). `factors(x)`, optional, gives (u, B) with fn(x) == u @ B.T (a low-rank
+        delta, as LoRA's), so a caller that computes the base matmul itself can fold the delta into it."""
+        self._deltas.setdefault(task, []).append((fn, factors))
+
+    def factored(self) -> list[Callable]:
+        """The active task's low-rank deltas' factor functions (see add_delta)."""
+        return [f for _, f in self._deltas.get(self._state.active, ()) if f is not None]
 
     def add_post(self, task: str, fn: Callable) -> None:
         self._posts.setdefault(task, []).append(fn)
@@ -43,11 +49,13 @@ class ModuleSite(nn.Module):
         replace = self._replace.get(self._state.active)
         return self.finish(x, self.base(x, *args, **kwargs) if replace is None else replace(x))
 
-    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, y: torch.Tensor, factored_done: bool = False) -> torch.Tensor:
         """`y` = base(x), computed here or elsewhere (a fused projection): add the active task's deltas of `x`, then
-        apply its posts."""
+        apply its posts. `factored_done`: `y` already holds the low-rank deltas (folded into the caller's matmul)."""
         task = self._state.active
-        for fn in self._deltas.get(task, ()):
+        for fn, factors in self._deltas.get(task, ()):
+            if factored_done and factors is not None:
+                continue
             y = y + fn(x)
         for fn in self._posts.get(task, ()):
             y = fn(y)
@@ -69,6 +77,30 @@ def _fusable(modules: list[nn.Module], linears: list[nn.Module]) -> bool:
     return (all(lin.in_features == linears[0].in_features and lin.weight.dtype == first.dtype
                 and lin.weight.device == first.device for lin in linears)
             and len({lin.bias is None for lin in linears}) == 1)
+
+
+def _fold_low_rank(x: torch.Tensor, weight: torch.Tensor, modules: list, linears: list):
+    """Inference only: W x + u_j B_j^T for every low-rank delta j of the stacked linears, as one matmul with the inner
+    dimension extended, [x | u_1 | u_2 ...] @ [W | B]^T, B holding each B_j in its linear's rows (zeros elsewhere).
+    For LoRA on query and value this replaces two up-projection matmuls and their adds per layer by a copy of x.
+    Not while training: the extended weight would make autograd compute the frozen W's gradient too.
+    Returns (x, weight, whether anything was folded)."""
+    pairs = [[f(x) for f in m.factored()] if isinstance(m, ModuleSite) else [] for m in modules]
+    rank = sum(u.shape[-1] for ps in pairs for u, _ in ps)
+    if not rank:
+        return x, weight, False
+    rows, done = [], 0
+    for lin, ps in zip(linears, pairs):
+        d_out = lin.out_features
+        blocks = [weight.new_zeros(d_out, done)] if done else []
+        for u, b in ps:
+            blocks.append(b.to(weight.dtype))
+            done += u.shape[-1]
+        if done < rank:
+            blocks.append(weight.new_zeros(d_out, rank - done))
+        rows.append(torch.cat(blocks, 1))
+    us = [u.to(x.dtype) for ps in pairs for u, _ in ps]
+    return torch.cat([x, *us], -1), torch.cat([weight, torch.cat(rows, 0)], 1), True
 
 
 class PrefixAttentionSite(nn.Module):
@@ -115,8 +147,12 @@ class PrefixAttentionSite(nn.Module):
         if fused and _fusable(modules, linears):
             weight = torch.cat([lin.weight for lin in linears], 0)
             bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], 0)
-            outs = F.linear(hidden_states, weight, bias).split([lin.out_features for lin in linears], dim=-1)
-            return tuple(m.finish(hidden_states, y) if isinstance(m, ModuleSite) else y for m, y in zip(modules, outs))
+            x, fold = hidden_states, not torch.is_grad_enabled()
+            if fold:  # inference: the sites' low-rank deltas (LoRA) join the matmul, see _fold_low_rank
+                x, weight, fold = _fold_low_rank(hidden_states, weight, modules, linears)
+            outs = F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+            return tuple(m.finish(hidden_states, y, factored_done=fold) if isinstance(m, ModuleSite) else y
+                         for m, y in zip(modules, outs))
         return tuple(m(hidden_states) for m in modules)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

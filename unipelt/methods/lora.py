@@ -74,21 +74,26 @@ class LoraMethod(PeltMethod):
         for role, updates in self.updates.items():
             for i, update in enumerate(updates):
                 gate = injector.layer_gate(i, task, self.gate_modules[role][i]) if role in self.gate_modules else None
-                injector.linear_site(i, role).add_delta(task, self._delta(role, i, gate, injector, task))
+                injector.linear_site(i, role).add_delta(task, *self._delta(role, i, gate, injector, task))
 
     def _delta(self, role: str, layer: int, gate, injector, task: str):
         cfg = self.config
         update = self.updates[role][layer]
         down = self._shared_down(role, layer, injector, task)
 
-        def delta(x: torch.Tensor) -> torch.Tensor:
-            out = update(x) if down is None else down(x) @ update.B.t()
+        def multiplier(out: torch.Tensor) -> torch.Tensor:
             if gate is None:
                 return out * cfg.scaling
             g = gate()
             return scale(out, g if cfg.gate_mode == "replace" else g * cfg.scaling)
 
-        return delta
+        def delta(x: torch.Tensor) -> torch.Tensor:
+            return multiplier(update(x) if down is None else down(x) @ update.B.t())
+
+        def factors(x: torch.Tensor):  # delta(x) == u @ B^T, with the scaling (or gate) applied to u
+            return multiplier(update.dropout(x) @ update.A.t() if down is None else down(x)), update.B
+
+        return delta, factors
 
     def _shared_down(self, role: str, layer: int, injector, task: str):
         """A x for `role`, computed for all of the layer's targets that read the same input (query, key and value read
