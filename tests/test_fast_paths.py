@@ -270,14 +270,14 @@ def _matmuls(fn) -> int:
     return Count.n
 
 
-@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_aplb"])
-def test_inference_folds_lora_into_the_fused_qkv_matmul_with_the_same_logits(method, monkeypatch):
+@pytest.mark.parametrize("method, arch", [("unipelt_apl", "bert"), ("unipelt_aplb", "bert"), ("unipelt_apl", "mpnet")])
+def test_inference_folds_lora_into_the_fused_qkv_matmul_with_the_same_logits(method, arch, monkeypatch):
     """Without gradients, LoRA's up-projections for query and value join the fused q/k/v matmul ([x | u] @ [W | B]^T):
     two matmuls fewer per layer, the same logits as adding each LoRA delta (BitFit's deltas on the same linears still
     added after). While training nothing is folded (the extended weight would get a gradient)."""
     from unipelt.sites import ModuleSite
 
-    model = model_with(method).eval()
+    model = model_with(method, arch=arch).eval()
     randomize_(model.tasks["t"])
     ids, mask = batch()
     with torch.no_grad():
