@@ -31,7 +31,8 @@ def headline_rows(paths: list[str], model: str = "bert-base", batch: int = 32, l
 def _fastest(rows: list[dict], method: str, key: str, graphed: bool | None = None) -> dict:
     """The fastest `method` row; graphed=False: as it runs (neither graphed nor compiled), True: graphed, compiled
     or not (the reference gets its best graphed mode, as unipelt_apl does)."""
-    found = [r for r in rows if r["method"] == method and (graphed is None or bool(r.get("graphed")) == graphed)
+    found = [r for r in rows if r["method"] == method and r.get(key) is not None  # a phase not run (--phases)
+             and (graphed is None or bool(r.get("graphed")) == graphed)
              and not (graphed is False and r.get("compiled"))]
     if not found:
         mode = "" if graphed is None else (" graphed" if graphed else " eager")

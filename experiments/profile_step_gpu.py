@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--no-infer", action="store_true", help="profile the training step only")
+    p.add_argument("--no-train", action="store_true", help="profile the inference forward only (one compile, not two)")
     args = p.parse_args(argv)
     from transformers import AutoModel
 
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
 
         try:
-            report(f"{method} train", *profile_calls(train, batches, args.calls), args.top)
+            if not args.no_train:
+                report(f"{method} train", *profile_calls(train, batches, args.calls), args.top)
             if not args.no_infer:
                 model.eval()
                 if hasattr(model, "active"):

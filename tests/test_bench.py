@@ -47,9 +47,20 @@ def test_bench_rows_at_a_fixed_and_at_a_task_length(tmp_path, capsys):
     assert [(r["graphed"], r["compiled"]) for r in rows] == [(False, False)] * 2  # eager rows say so (summary.json)
 
 
+def test_an_inference_only_bench_row_times_no_training_step(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "minilm", "--methods", "unipelt_apl", "--dtypes", "fp32", "--batches", "2",
+                       "--length", "16", "--steps", "1", "--warmup", "1", "--device", "cpu", "--phases", "infer",
+                       "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["train_step_ms"] is None and row["mfu"] is None and row["infer_ms"] > 0
+    assert "| - | - | - |" in out.with_suffix(".md").read_text()  # no step time, ratio or MFU
+
+
 def test_bad_lengths_and_buckets_are_clear_errors(capsys):
     for argv, message in ((["--length", "128,foo"], "--length 'foo' is neither a number of tokens nor a GLUE task"),
-                          (["--graph-bucket", "0"], "--graph-bucket must be a positive number of tokens, got 0")):
+                          (["--graph-bucket", "0"], "--graph-bucket must be a positive number of tokens, got 0"),
+                          (["--phases", "train,eval"], "--phases 'train,eval': give train and/or infer")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert message in capsys.readouterr().err
@@ -80,7 +91,8 @@ def test_graphed_bench_rows_time_inference_on_the_deployment_path_prefix_folded_
 
 def _row(method, train, infer, graphed=False, compiled=False, device="NVIDIA H100 80GB HBM3", **kw):
     row = {"model": "bert-base", "dtype": "bf16", "batch": 32, "length": 128, "method": method, "train_step_ms": train,
-           "infer_ms": infer, "graphed": graphed, "compiled": compiled, "device": device, "mfu": 10.0 / train}
+           "infer_ms": infer, "graphed": graphed, "compiled": compiled, "device": device,
+           "mfu": 10.0 / train if train else None}
     row.update(kw)
     return row
 
@@ -97,7 +109,8 @@ def test_the_summary_picks_each_figure_in_its_fastest_mode_and_checks_the_target
     graphed = [_row("peft_lora", 9.0, 4.0, graphed=True), _row("unipelt_apl", 15.0, 5.5, graphed=True),
                _row("finetune", 12.0, 3.0, graphed=True)]
     compiled = [_row("unipelt_apl", 11.0, 6.0, graphed=True, compiled=True),
-                _row("peft_lora", 8.0, 3.5, graphed=True, compiled=True), _row("peft_lora", 7.0, 3.0, compiled=True)]
+                _row("peft_lora", 8.0, 3.5, graphed=True, compiled=True), _row("peft_lora", 7.0, 3.0, compiled=True),
+                _row("finetune", None, 2.5, graphed=True, compiled=True)]  # inference only (--phases infer)
     files = []
     for name, rows in (("eager", eager), ("graphed", graphed), ("compiled", compiled)):
         files.append(str(tmp_path / f"{name}.json"))
@@ -108,13 +121,13 @@ def test_the_summary_picks_each_figure_in_its_fastest_mode_and_checks_the_target
     # train: the compiled + graphed step (11.0); inference: the graphed one (5.5); peft LoRA as it runs (40.0, not
     # the compiled-only 7.0) and in its fastest graphed mode (compiled + graphed 8.0, as APL's)
     assert (s["apl_train_ms"], s["apl_infer_ms"], s["peft_lora_eager_ms"], s["peft_lora_graphed_ms"],
-            s["finetune_infer_ms"]) == (11.0, 5.5, 40.0, 8.0, 3.0)
-    assert s["modes"] == {"apl_train": "compiled+graphed", "apl_infer": "graphed", "finetune_infer": "graphed",
-                          "peft_lora_graphed": "compiled+graphed"}
+            s["finetune_infer_ms"]) == (11.0, 5.5, 40.0, 8.0, 2.5)
+    assert s["modes"] == {"apl_train": "compiled+graphed", "apl_infer": "graphed",
+                          "finetune_infer": "compiled+graphed", "peft_lora_graphed": "compiled+graphed"}
     assert s["apl_mfu"] == pytest.approx(10.0 / 11.0, abs=1e-4) and s["device"] == "NVIDIA H100 80GB HBM3"
     assert s["ratios"]["apl_vs_lora_graphed"] == pytest.approx(11.0 / 8.0, abs=1e-3)
     assert s["targets_met"] == {"apl_vs_lora_graphed": False, "apl_vs_lora_eager": True,
-                                "apl_infer_vs_finetune": False, "apl_mfu": True}  # 5.5 / 3.0 = 1.83 > 1.3
+                                "apl_infer_vs_finetune": False, "apl_mfu": True}  # 5.5 / 2.5 = 2.2 > 1.3
     # rows of two devices are never mixed; a missing row is named
     Path(files[2]).write_text(json.dumps([_row("unipelt_apl", 11.0, 6.0, device="NVIDIA H200")]))
     with pytest.raises(SystemExit, match="2 devices"):

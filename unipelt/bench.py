@@ -175,8 +175,13 @@ def time_calls(fn, batches, steps: int, warmup: int, device) -> list[float]:
     return times
 
 
+PHASES = ("train", "infer")
+
+
 def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bool, cuda_graph: bool = False,
-              max_shapes: int = 1):
+              max_shapes: int = 1, phases=PHASES):
+    """One row: the median train step and inference forward of `build()`'s model on `batches`. A phase left out of
+    `phases` is not run (its time is None): an inference-only row compiles and captures only the forward."""
     gc.collect()  # the previous row's model must be gone before its memory is counted against this one
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -198,7 +203,7 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    train = time_calls(train_step, batches, steps, warmup, device)
+    train = time_calls(train_step, batches, steps, warmup, device) if "train" in phases else []
     model.eval()
     if cuda_graph:  # the deployment path (unipelt.inference): prefix folded, one graph per batch shape
         if hasattr(model, "active"):  # a unipelt model (peft models have no folding)
@@ -210,11 +215,15 @@ def bench_one(name, build, batches, dtype, steps, warmup, device, fused_adam: bo
             with amp:
                 infer_fn(batch)
 
-    inference = time_calls(infer, batches, steps, warmup, device)
+    inference = time_calls(infer, batches, steps, warmup, device) if "infer" in phases else []
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return {"method": name, "trainable": trainable, "train_step_ms": 1e3 * statistics.median(train),
-            "train_step_ms_p10": 1e3 * sorted(train)[len(train) // 10], "infer_ms": 1e3 * statistics.median(inference),
-            "peak_mem_mb": peak}
+    return {"method": name, "trainable": trainable, "train_step_ms": _median_ms(train),
+            "train_step_ms_p10": 1e3 * sorted(train)[len(train) // 10] if train else None,
+            "infer_ms": _median_ms(inference), "peak_mem_mb": peak}
+
+
+def _median_ms(times: list[float]) -> float | None:
+    return 1e3 * statistics.median(times) if times else None
 
 
 def run(args, on_row=None) -> list[dict]:
@@ -255,7 +264,7 @@ def run(args, on_row=None) -> list[dict]:
                         build = lambda m=method, f=frozen: build_unipelt(base, m, device, args.compile, f)  # noqa: E731
                     try:
                         row = bench_one(method, build, batches, dtype, args.steps, args.warmup, device, args.fused_adam,
-                                        graphed, max_shapes=len(set(widths)) + 1)
+                                        graphed, max_shapes=len(set(widths)) + 1, phases=args.phases.split(","))
                     except Exception as err:  # one broken row must not lose the others
                         print(f"{model_name} {dtype} b{batch} {method}: failed: {err!r}", file=sys.stderr)
                         continue
@@ -264,14 +273,20 @@ def run(args, on_row=None) -> list[dict]:
                                dtype=dtype, batch=batch,
                                length=int(length) if length.isdigit() else length, mean_width=statistics.mean(widths),
                                widths=sorted(set(widths)), device=gpu,
-                               tflops=flops / 1e12, mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak else None,
+                               tflops=flops / 1e12,
+                               mfu=(flops / (row["train_step_ms"] / 1e3) / peak) if peak and row["train_step_ms"] else None,
                                percent=100 * row["trainable"] / sum(p.numel() for p in base.parameters()))
                     rows.append(row)
                     if on_row is not None:
                         on_row(rows)
-                    print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {length:>5s} {method:12s} train {row['train_step_ms']:8.2f} ms  "
-                          f"infer {row['infer_ms']:7.2f} ms  mem {row['peak_mem_mb']:8.0f} MiB", flush=True)
+                    print(f"{model_name:9s} {dtype:4s} b{batch:<3d} {length:>5s} {method:12s} train {_ms(row['train_step_ms'], 8)} ms  "
+                          f"infer {_ms(row['infer_ms'], 7)} ms  mem {row['peak_mem_mb']:8.0f} MiB", flush=True)
     return rows
+
+
+def _ms(value: float | None, width: int = 0) -> str:
+    """A time in ms for the tables, '-' for a phase not run."""
+    return f"{value:{width}.2f}" if value is not None else "-".rjust(width)
 
 
 def render(rows: list[dict], reference: str = "peft_lora") -> str:
@@ -285,13 +300,13 @@ def render(rows: list[dict], reference: str = "peft_lora") -> str:
     refs = {key(r): r for r in rows if r["method"] == reference}
     for r in rows:
         ref = refs.get(key(r))
-        ratio = f"{r['train_step_ms'] / ref['train_step_ms']:.2f}" if ref else "-"
+        ratio = f"{r['train_step_ms'] / ref['train_step_ms']:.2f}" if ref and r["train_step_ms"] and ref["train_step_ms"] else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         length = r.get("length", "-")
         if isinstance(length, str):
             length = f"{length} (mean {r['mean_width']:.0f})"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {length} | {r['method']} | {r.get('variant', 'eager')} | {r['trainable']:,} | "
-                     f"{r['train_step_ms']:.2f} | {ratio} | {mfu} | {r['infer_ms']:.2f} | {r['peak_mem_mb']:.0f} |")
+                     f"{_ms(r['train_step_ms'])} | {ratio} | {mfu} | {_ms(r['infer_ms'])} | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -315,6 +330,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="torch.compile the unipelt models (optionally a mode: default, reduce-overhead, max-autotune)")
     p.add_argument("--tag", default="", help="label for this variant (column in the table)")
+    p.add_argument("--phases", default="train,infer",
+                   help="what to time: train and/or infer (infer alone compiles and captures only the forward)")
     p.add_argument("--frozen-bf16", action="store_true", help="keep the frozen encoder's weights in bf16 for bf16 rows")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each unipelt train step (forward, backward, AdamW) as one CUDA graph; peft rows stay "
@@ -333,6 +350,9 @@ def parse_args(argv=None):
                 get_task(length)
             except (KeyError, ValueError) as err:
                 p.error(f"--length {length!r} is neither a number of tokens nor a GLUE task ({err})")
+    phases = args.phases.split(",")
+    if not phases or any(ph not in PHASES for ph in phases):
+        p.error(f"--phases {args.phases!r}: give train and/or infer, comma-separated")
     return args
 
 
