@@ -32,8 +32,8 @@ class GroupStepGraphs(ShapeGraphs):
         self.noise.clear()
 
     def step(self, trainer, runs: list, batch: dict, labels: torch.Tensor, valid: torch.Tensor | None,
-             valid_rows: list[int], has_prefix: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step of `runs` (forward, backward and the stacks' update): (losses, losses after NaN
+             valid_rows: list[int], has_prefix: list[bool], factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of `runs` (forward, backward and the stacks' update): (losses, losses * `factor`, the NaN
         injection), (R,) each, in static buffers that the next step of the same shape overwrites."""
         names = tuple(r.name for r in runs)
         if any(key[0] != (names,) for key in self.shapes):  # a run stopped: the old live set never comes back
@@ -45,7 +45,7 @@ class GroupStepGraphs(ShapeGraphs):
             noise = self.noise[(names, rows)] = NoiseBatch.static(trainer.engine.noise_layout, len(runs), rows,
                                                                   self.device)
         noise.draw([r.noise for r in runs], valid_rows, has_prefix)
-        inputs = dict(batch, labels=labels, factor=trainer.nan_factor(runs),
+        inputs = dict(batch, labels=labels, factor=factor,
                       table=trainer.stacked_adam.table([r.index for r in runs]))
         if valid is not None:
             inputs["valid"] = valid

@@ -471,13 +471,15 @@ class GroupTrainer:
             if any(n < width for n in valid_rows):
                 valid = to_device([k < n for n in valid_rows for k in range(width)], torch.bool, self.device)
             has_prefix = ["prefix" in self.model.tasks[r.name].methods for r in runs]
+            nan_hits = self._nan_hits(runs)
             if self.step_graphs is not None:
-                raw, losses = self.step_graphs.step(self, runs, batch, labels, valid, valid_rows, has_prefix)
-                for r in runs:
-                    r.state["step"] += 1
+                raw, losses = self.step_graphs.step(self, runs, batch, labels, valid, valid_rows, has_prefix,
+                                                    self._nan_factor(nan_hits))
                 self.step_optimizers(runs, stacked=False)  # the stacks' update is part of the graphed step
             else:
-                raw, losses = self._eager_step(runs, batch, labels, valid, valid_rows, has_prefix, width)
+                raw, losses = self._eager_step(runs, batch, labels, valid, valid_rows, has_prefix, width, nan_hits)
+            for r in runs:
+                r.state["step"] += 1
             if self.step_losses is not None:
                 for r, value in zip(runs, raw.tolist()):
                     self.step_losses.setdefault(r.name, []).append(value)
@@ -506,16 +508,15 @@ class GroupTrainer:
             self._end_epoch(run, means[live.index(run)], metrics, epoch_time)
 
     def _eager_step(self, runs: list[GroupRun], batch: dict, labels: torch.Tensor, valid: torch.Tensor | None,
-                    valid_rows: list[int], has_prefix: list[bool], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    valid_rows: list[int], has_prefix: list[bool], width: int,
+                    nan_hits: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of `runs`, op by op: (losses, losses after NaN injection), (R,) each."""
         noise = NoiseBatch(self.engine.noise_layout, [r.noise for r in runs], valid_rows, has_prefix, width,
                            self.device)
         with self.autocast():
             logits = self.engine.forward([r.name for r in runs], **batch, noise=noise)
         raw = self.engine.losses(logits, labels, valid)
-        for r in runs:
-            r.state["step"] += 1
-        losses = self._inject_nan(runs, raw)
+        losses = raw * self._nan_factor(nan_hits) if any(nan_hits) else raw
         for r in runs:
             r.optimizer.zero_grad(set_to_none=True)
         self.stacked_adam.zero_grad()
@@ -584,21 +585,15 @@ class GroupTrainer:
     def _max_steps_hit(self, run: GroupRun) -> bool:
         return run.settings.max_steps is not None and run.state["step"] >= run.settings.max_steps
 
-    def _inject_nan(self, runs: list[GroupRun], losses: torch.Tensor) -> torch.Tensor:
-        """Fault injection for tests: a run's loss turns NaN from its `inject_nan_at_step` on (steps counted)."""
-        hits = self._nan_hits(runs, ahead=0)
-        return losses * self._factor(hits) if any(hits) else losses
-
-    def nan_factor(self, runs: list[GroupRun]) -> torch.Tensor:
-        """(R,) loss factors of the coming step (not counted yet): 1.0, or NaN where `inject_nan_at_step` has come."""
-        return self._factor(self._nan_hits(runs, ahead=1))
-
     @staticmethod
-    def _nan_hits(runs: list[GroupRun], ahead: int) -> list[bool]:
-        return [r.settings.inject_nan_at_step is not None and r.state["step"] + ahead >= r.settings.inject_nan_at_step
+    def _nan_hits(runs: list[GroupRun]) -> list[bool]:
+        """Fault injection for tests: whether each run's loss turns NaN at the coming step (steps not counted yet),
+        from its `inject_nan_at_step` on."""
+        return [r.settings.inject_nan_at_step is not None and r.state["step"] + 1 >= r.settings.inject_nan_at_step
                 for r in runs]
 
-    def _factor(self, hits: list[bool]) -> torch.Tensor:
+    def _nan_factor(self, hits: list[bool]) -> torch.Tensor:
+        """(R,) loss factors: NaN where `hits`, else 1.0."""
         return to_device([float("nan") if h else 1.0 for h in hits], torch.float32, self.device)
 
     def _check_finite(self, live: list[GroupRun], first_bad: torch.Tensor) -> None:
