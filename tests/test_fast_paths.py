@@ -271,28 +271,70 @@ def _matmuls(fn) -> int:
 
 
 @pytest.mark.parametrize("method, arch", [("unipelt_apl", "bert"), ("unipelt_aplb", "bert"), ("unipelt_apl", "mpnet")])
-def test_inference_folds_lora_into_the_fused_qkv_matmul_with_the_same_logits(method, arch, monkeypatch):
-    """Without gradients, LoRA's up-projections for query and value join the fused q/k/v matmul ([x | u] @ [W | B]^T):
-    two matmuls fewer per layer, the same logits as adding each LoRA delta (BitFit's deltas on the same linears still
-    added after). While training nothing is folded (the extended weight would get a gradient)."""
+def test_lora_folds_into_the_fused_qkv_matmul_with_the_same_logits_and_gradients(method, arch, monkeypatch):
+    """LoRA's up-projections for query and value join the fused q/k/v matmul ([x | u] @ [W | B]^T): two matmuls fewer
+    per layer in inference, and in training also fewer in the backward (dx and du from one matmul, one weight
+    gradient for both B). The same logits and gradients as adding each LoRA delta (BitFit's deltas on the same
+    linears still added after)."""
     from unipelt.sites import ModuleSite
 
-    model = model_with(method, arch=arch).eval()
+    model = model_with(method, arch=arch)
     randomize_(model.tasks["t"])
     ids, mask = batch()
-    with torch.no_grad():
-        folded_n = _matmuls(lambda: model(ids, mask))
-        folded = model(ids, mask).logits
+    labels = torch.tensor([0, 1, 1, 0])
+    layers = model.encoder.config.num_hidden_layers
+
+    def run(fold: bool):
         with monkeypatch.context() as m:
-            m.setattr(ModuleSite, "factored", lambda self: [])
-            plain_n = _matmuls(lambda: model(ids, mask))
-            plain = model(ids, mask).logits
-    assert torch.allclose(folded, plain, atol=1e-6)
-    assert plain_n - folded_n == 2 * model.encoder.config.num_hidden_layers
-    model.train()
-    trained_n = _matmuls(lambda: model(ids, mask).logits.sum().backward())
-    model.eval()
+            if not fold:
+                m.setattr(ModuleSite, "factored", lambda self: [])
+            model.eval()
+            with torch.no_grad():
+                infer_n = _matmuls(lambda: model(ids, mask))
+                logits = model(ids, mask).logits
+            model.train()
+            train_n = _matmuls(lambda: _logits_and_grads(model, ids, mask, labels))
+            return infer_n, train_n, logits, _logits_and_grads(model, ids, mask, labels)
+
+    infer_f, train_f, logits_f, trained_f = run(True)
+    infer_p, train_p, logits_p, trained_p = run(False)
+    assert torch.allclose(logits_f, logits_p, atol=1e-6)
+    _assert_same(trained_f, trained_p)
+    assert infer_p - infer_f == 2 * layers
+    # per layer: forward 2, backward 2 du + 1 dB; the first layer's input needs no gradient, so it computes du alone
+    assert train_p - train_f == 5 * layers - 1
+
+
+def test_lora_does_not_fold_where_the_frozen_weights_train():
+    """Full fine-tuning + prefix + LoRA: q/k/v's weights train, so nothing folds (the widened weight's gradient would
+    be wrong to skip); gradients still reach them."""
+    from unipelt import PeltConfig
+
+    model = model_with(PeltConfig.from_dict({"methods": {"finetune": {}, "prefix": {}, "lora": {}}})).train()
+    randomize_(model.tasks["t"])
+    ids, mask = batch()
+    logits, grads = _logits_and_grads(model, ids, mask, torch.tensor([0, 1, 1, 0]))
+    assert any(n.endswith("query.base.weight") and g.abs().sum() > 0 for n, g in grads.items())
+    assert any("updates.query" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_folded_lora_under_bf16_autocast_matches_the_unfolded_path(monkeypatch):
+    from unipelt.sites import ModuleSite
+
+    model = model_with("unipelt_apl").train()
+    randomize_(model.tasks["t"])
+    ids, mask = batch()
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _logits_and_grads(model, ids, mask, labels)
+
+    folded = run()
     with monkeypatch.context() as m:
         m.setattr(ModuleSite, "factored", lambda self: [])
-        model.train()
-        assert _matmuls(lambda: model(ids, mask).logits.sum().backward()) == trained_n
+        plain = run()
+    assert torch.allclose(folded[0].float(), plain[0].float(), atol=3e-2)
+    for name in plain[1]:
+        assert folded[1][name].dtype == plain[1][name].dtype, name
+        assert torch.allclose(folded[1][name], plain[1][name], atol=3e-2, rtol=5e-2), name

@@ -79,16 +79,16 @@ def _fusable(modules: list[nn.Module], linears: list[nn.Module]) -> bool:
             and len({lin.bias is None for lin in linears}) == 1)
 
 
-def _fold_low_rank(x: torch.Tensor, weight: torch.Tensor, modules: list, linears: list):
-    """Inference only: W x + u_j B_j^T for every low-rank delta j of the stacked linears, as one matmul with the inner
-    dimension extended, [x | u_1 | u_2 ...] @ [W | B]^T, B holding each B_j in its linear's rows (zeros elsewhere).
-    For LoRA on query and value this replaces two up-projection matmuls and their adds per layer by a copy of x.
-    Not while training: the extended weight would make autograd compute the frozen W's gradient too.
-    Returns (x, weight, whether anything was folded)."""
+def _fold_low_rank(x: torch.Tensor, weight: torch.Tensor, bias, modules: list, linears: list):
+    """W x + b + u_j B_j^T for every low-rank delta j of the stacked linears, as one matmul with the inner dimension
+    widened, [x | u_1 | u_2 ...] @ [W | B]^T, B holding each B_j in its linear's rows (zeros elsewhere). For LoRA on
+    query and value this replaces two up-projection matmuls, their adds and their gate products on full-width outputs
+    per layer by a copy of x; the backward gets dx and every du from one matmul and only B's weight gradient
+    (`_WideFrozenLinear`). Returns the output, or None when no site has a low-rank delta."""
     pairs = [[f(x) for f in m.factored()] if isinstance(m, ModuleSite) else [] for m in modules]
     rank = sum(u.shape[-1] for ps in pairs for u, _ in ps)
     if not rank:
-        return x, weight, False
+        return None
     rows, done = [], 0
     for lin, ps in zip(linears, pairs):
         d_out = lin.out_features
@@ -99,8 +99,47 @@ def _fold_low_rank(x: torch.Tensor, weight: torch.Tensor, modules: list, linears
         if done < rank:
             blocks.append(weight.new_zeros(d_out, rank - done))
         rows.append(torch.cat(blocks, 1))
-    us = [u.to(x.dtype) for ps in pairs for u, _ in ps]
-    return torch.cat([x, *us], -1), torch.cat([weight, torch.cat(rows, 0)], 1), True
+    us = [u for ps in pairs for u, _ in ps]
+    return _WideFrozenLinear.apply(x, us[0] if len(us) == 1 else torch.cat(us, -1), weight, torch.cat(rows, 0), bias)
+
+
+class _WideFrozenLinear(torch.autograd.Function):
+    """y = [x | u] @ [W | B]^T + b for a frozen W and b. The backward computes dx (when x needs it) and du from one
+    matmul and the weight gradient of B's columns only: autograd on the concatenated weight would also compute the
+    frozen W's, a matmul as large as the layer's. Under autocast the matmuls run in the autocast dtype, forward and
+    backward alike."""
+
+    @staticmethod
+    def forward(ctx, x, u, weight, low_rank, bias):
+        ctx.dtypes, ctx.rank = (x.dtype, u.dtype, low_rank.dtype), u.shape[-1]
+        dtype = _autocast_dtype(x) or x.dtype  # the dtype F.linear would compute in
+        wide = torch.cat([x.to(dtype), u.to(dtype)], -1)
+        full = torch.cat([weight.to(dtype), low_rank.to(dtype)], 1)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(wide, full, bias)
+        ctx.save_for_backward(wide, full)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        wide, full = ctx.saved_tensors
+        x_dtype, u_dtype, b_dtype = ctx.dtypes
+        grad, rank = grad.to(full.dtype), ctx.rank
+        if ctx.needs_input_grad[0]:  # dx and du from one matmul
+            both = grad @ full
+            grad_x, grad_u = both[..., :-rank], both[..., -rank:]
+        else:  # the first layer's input needs no gradient: du only
+            grad_x, grad_u = None, grad @ full[:, -rank:]
+        u = wide[..., -rank:]
+        grad_b = grad.reshape(-1, grad.shape[-1]).t() @ u.reshape(-1, rank)  # B's columns only
+        return (None if grad_x is None else grad_x.to(x_dtype)), grad_u.to(u_dtype), None, grad_b.to(b_dtype), None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of `x` in, or None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 class PrefixAttentionSite(nn.Module):
@@ -147,10 +186,13 @@ class PrefixAttentionSite(nn.Module):
         if fused and _fusable(modules, linears):
             weight = torch.cat([lin.weight for lin in linears], 0)
             bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], 0)
-            x, fold = hidden_states, not torch.is_grad_enabled()
-            if fold:  # inference: the sites' low-rank deltas (LoRA) join the matmul, see _fold_low_rank
-                x, weight, fold = _fold_low_rank(hidden_states, weight, modules, linears)
-            outs = F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+            frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+            # the sites' low-rank deltas (LoRA) join the matmul, see _fold_low_rank; not where W trains (fine-tuning)
+            y = _fold_low_rank(hidden_states, weight, bias, modules, linears) if frozen else None
+            fold = y is not None
+            if not fold:
+                y = F.linear(hidden_states, weight, bias)
+            outs = y.split([lin.out_features for lin in linears], dim=-1)
             return tuple(m.finish(hidden_states, y, factored_done=fold) if isinstance(m, ModuleSite) else y
                          for m, y in zip(modules, outs))
         return tuple(m(hidden_states) for m in modules)
