@@ -16,6 +16,7 @@ then needs only the config and tokenizer files on the device.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 import warnings
@@ -65,6 +66,8 @@ def build(args, R: int, device, graphed: bool = False):
 
 def measure(args, R: int, device, graphed: bool = False) -> dict:
     trainer = build(args, R, device, graphed)
+    if args.losses:  # every step's loss of every run (a host sync per step: for comparing packages, not timing)
+        trainer.step_losses = {}
     live = list(trainer.runs)
     sync = torch.cuda.synchronize
     trainer._round(live)  # warm-up epoch (allocator, cuBLAS handles, optimizer state)
@@ -101,6 +104,8 @@ def measure(args, R: int, device, graphed: bool = False) -> dict:
     kernel_s = sum(e.device_time for e in kernels) / 1e6
     top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     noise_ms = time_noise(trainer, live, device)
+    if args.losses:
+        Path(args.losses).write_text(json.dumps(trainer.step_losses))
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
@@ -176,6 +181,8 @@ def main(argv=None) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="build the encoder from --model's config.json with random weights (a timing run needs no weights)")
     p.add_argument("--attention", action="store_true", help="also time the attention kernels at eval shapes")
+    p.add_argument("--losses", default=None,
+                   help="write every run's per-step training losses to this JSON file (one group size and mode)")
     p.add_argument("--graph", default="off", help="group.cuda_graph values to measure, e.g. off,on (graphed steps)")
     args = p.parse_args(argv)
     device = torch.device("cuda")

@@ -163,6 +163,30 @@ def keep_mask(tokens: torch.Tensor, prefix: torch.Tensor | None, p: float) -> to
     return keep if prefix is None else torch.cat([prefix >= p, keep], dim=-1)
 
 
+def dropout_scale(keep: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask times 1/(1-p), in fp32: one tensor that applies inverted dropout in one product."""
+    return torch.mul(keep, 1.0 / (1.0 - p))
+
+
 def apply_dropout(x: torch.Tensor, keep: torch.Tensor, p) -> torch.Tensor:
-    """Inverted dropout with a given keep mask; `p` a float or a tensor broadcastable to `x`."""
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    """Inverted dropout with a given keep mask, x * keep * 1/(1-p); `p` a float or a tensor broadcastable to `x`
+    (a rate per run). With a float rate it is one product each way (`_ScaledMask`), the same numbers as the plain
+    formula's two products and cast."""
+    if isinstance(p, torch.Tensor):
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return _ScaledMask.apply(x, dropout_scale(keep, p))
+
+
+class _ScaledMask(torch.autograd.Function):
+    """x * scaled (fp32, zero where dropped), rounded once into x's dtype, forward and backward. In fp32 or bf16 this
+    equals (x * keep) * s: keep is 0 or 1, so that first product is exact and one rounding remains either way."""
+
+    @staticmethod
+    def forward(ctx, x, scaled):
+        ctx.save_for_backward(scaled)
+        return torch.mul(x, scaled, out=torch.empty_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scaled,) = ctx.saved_tensors
+        return torch.mul(grad, scaled, out=torch.empty_like(grad)), None
