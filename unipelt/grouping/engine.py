@@ -411,21 +411,16 @@ class GroupEngine:
     def _attention(self, layer: int):
         def fn(site, hidden: torch.Tensor, score_bias=None, **kwargs):
             q, k, v = site.projections(hidden, fused=False)  # the grouped records' numerics, as trained so far
-            score_dtype = q.dtype  # (a BitFit or LoRA delta may have made q fp32 under autocast)
-            # Cast to the matmuls' dtype before the prefix is put in front (the attention would cast the whole
-            # [prefix; tokens] later, with the same values): the concatenation then moves half the bytes.
-            dtype = self.compute_dtype(q)
-            q, k, v = (t.to(dtype) for t in (q, k, v))
             prefix, has_prefix = 0, None
             provided = self._prefix_provider(layer) if self._prefix_provider is not None else None
             if provided is not None:
                 pk, pv, has_prefix = provided
                 prefix = pk.shape[2]
-                k = torch.cat([pk.to(dtype), k], dim=2)
-                v = torch.cat([pv.to(dtype), v], dim=2)
+                k = torch.cat([pk.to(k.dtype), k], dim=2)
+                v = torch.cat([pv.to(v.dtype), v], dim=2)
             mask = self._key_mask(prefix, has_prefix)
             if score_bias is not None:  # e.g. MPNet's relative position bias: token-token scores only
-                mask = self._biased_mask(mask, score_bias, prefix, score_dtype)
+                mask = self._biased_mask(mask, score_bias, prefix, q.dtype)
             scale = site.head_dim ** -0.5
             noise = self.step.noise
             if noise is None or self.probs_p == 0:
