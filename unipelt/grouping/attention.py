@@ -56,14 +56,14 @@ class _DropoutAttention(torch.autograd.Function):
         kept = torch.mul(probs, keep, out=torch.empty_like(probs, dtype=v.dtype))  # rounded once, into v's dtype
         out, kept3, v3 = _bmm4(kept, v)
         ctx.save_for_backward(q3, kt3, kept3, v3, probs, keep)
-        ctx.shapes = (q.shape, k.shape, v.shape, score_dtype, q.dtype)
+        ctx.meta = (q.shape, k.shape, v.shape, score_dtype, q.dtype)  # shapes and dtypes
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q3, kt3, kept3, v3, probs, keep = ctx.saved_tensors
-        q_shape, k_shape, v_shape, score_dtype, dtype = ctx.shapes
+        q_shape, k_shape, v_shape, score_dtype, dtype = ctx.meta
         n, t = q3.shape[0], q3.shape[1]
         g3 = grad.reshape(n, t, v3.shape[2])
         d_kept = torch.bmm(g3, v3.transpose(1, 2))  # (n, t, s) in the matmuls' dtype
