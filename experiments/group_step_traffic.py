@@ -25,7 +25,7 @@ from profile_group_gpu import build
 
 SKIPPED = {"view", "_unsafe_view", "expand", "transpose", "t", "permute", "slice", "select", "unsqueeze", "squeeze",
            "as_strided", "unbind", "split", "split_with_sizes", "detach", "alias", "_reshape_alias", "lift_fresh",
-           "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+           "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"}
 
 
 def tensor_bytes(tree) -> int:
