@@ -112,7 +112,7 @@ class _WideFrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, u, weight, low_rank, bias):
         ctx.dtypes, ctx.rank = (x.dtype, u.dtype, low_rank.dtype), u.shape[-1]
-        dtype = _autocast_dtype(x) or x.dtype  # the dtype F.linear would compute in
+        dtype = matmul_dtype(x)  # the dtype F.linear would compute in
         wide = torch.cat([x.to(dtype), u.to(dtype)], -1)
         full = torch.cat([weight.to(dtype), low_rank.to(dtype)], 1)
         bias = None if bias is None else bias.to(dtype)
@@ -136,10 +136,10 @@ class _WideFrozenLinear(torch.autograd.Function):
         return (None if grad_x is None else grad_x.to(x_dtype)), grad_u.to(u_dtype), None, grad_b.to(b_dtype), None
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul of `x` in, or None outside autocast."""
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` runs in: autocast's where it is on for x's device, else x's own."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class PrefixAttentionSite(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sites import matmul_dtype
 from .noise import dropout_scale, keep_mask
 
 
@@ -23,11 +24,10 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """softmax(q k^T * scale + mask) with dropout (keep where noise >= p; prefix columns first), times v.
     `mask`: bool (True = attend) or additive, broadcastable to the scores; None: no mask. q, k and v are cast to the
     dtype the matmuls run in (autocast's, as torch.matmul would cast them) before they enter."""
-    kind = q.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+    dtype = matmul_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     keep = dropout_scale(keep_mask(noise_tokens, noise_prefix, p), p)
-    with torch.autocast(kind, enabled=False):
+    with torch.autocast(q.device.type, enabled=False):
         return _DropoutAttention.apply(q, k, v, mask, keep, scale)
 
 

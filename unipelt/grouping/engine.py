@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..gates import Gate
 from ..methods import method_class
 from ..model import PeltModel
+from ..sites import matmul_dtype
 from .attention import dropout_attention
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
 from .stacks import ParameterStacks
@@ -121,9 +122,8 @@ class GroupEngine:
             self._frozen = None
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype matmuls on `x` run in: autocast's, or x's own."""
-        kind = x.device.type
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        """The dtype matmuls on `x` run in: autocast's, or x's own (sites.matmul_dtype)."""
+        return matmul_dtype(x)
 
     def stack(self, key, name: str, tensors, shape: tuple, parameters: bool = True, dtype=None) -> torch.Tensor:
         """(R, n, *shape): `tensors(method)` gives the n tensors of one run (e.g. one per layer), or None for a run
