@@ -9,7 +9,8 @@
 #   python experiments/compare_records.py A_DIR B_DIR      (here, on the two tgz's: same metrics?)
 # Also used for one-GPU rows: QUEUE=Q (queued groups, sweep.py --queue), MPS=1 (processes under NVIDIA MPS),
 # COSTS=experiments/results/low_resource_minilm/runs (earlier records rank the groups: longest first),
-# GROUP_GRAPH=1 (group.cuda_graph=true: graphed grouped steps), TAG=name (appended to the output names, for A/B calls).
+# GROUP_GRAPH=1 (group.cuda_graph=true: graphed grouped steps), TAG=name (appended to the output names, for A/B calls),
+# EXTRA="--set group.activations=bf16" (more sweep.py arguments).
 set -u
 out=${OUT:-two_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -30,7 +31,7 @@ CUDA_VISIBLE_DEVICES=$visible timeout -s KILL "${LIMIT:-540}" python3 experiment
   --mode grouped --ks "$K" --tasks "${TASKS:-cola,sst2,mrpc,stsb,rte}" --seeds "${SEEDS:-111,222,333,444,555}" \
   --max-runs "${MAXRUNS:-12}" ${QUEUE:+--queue "$QUEUE"} ${COSTS:+--costs-from "$COSTS"} --workers-per-device "${WPD:-4}" --mps "$mps" --log "$out/log_gpus$GPUS$tag.jsonl" \
   --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false ${GROUP_GRAPH:+--set group.cuda_graph=true} > "$out/sweep_gpus$GPUS$tag.txt" 2>&1
+  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false ${GROUP_GRAPH:+--set group.cuda_graph=true} ${EXTRA:-} > "$out/sweep_gpus$GPUS$tag.txt" 2>&1
 t1=$(date +%s.%N); kill $smi
 grep -v "Loading weights" "$out/sweep_gpus$GPUS$tag.txt" | tail -n 4
 python3 experiments/throughput_row.py "$dir" "$t0" "$t1" --k "$K" --mode grouped --gpus "$GPUS" --device "$dev" \

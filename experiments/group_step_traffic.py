@@ -69,16 +69,17 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--activations", default="fp32", choices=["fp32", "bf16"], help="group.activations")
     args = p.parse_args(argv)
     args.precision, args.random_weights = "bf16", True
-    trainer = build(args, args.runs, torch.device("cpu"))
+    trainer = build(args, args.runs, torch.device("cpu"), activations=args.activations)
     trainer.model.train()
     one_step(trainer)  # warm-up: optimizer state, cached stacks
     traffic = Traffic()
     with traffic:
         one_step(trainer)
     total = sum(r[3] for r in traffic.rows)
-    print(f"{args.runs} runs x 16 rows, {args.task} K={args.k}, bf16 autocast (CPU): "
+    print(f"{args.runs} runs x 16 rows, {args.task} K={args.k}, bf16 autocast, {args.activations} activations (CPU): "
           f"{len(traffic.rows)} operators, {total / 1e9:.1f} GB read + written\n")
     by_op, by_shape = collections.Counter(), collections.Counter()
     calls_op, calls_shape = collections.Counter(), collections.Counter()

@@ -29,7 +29,7 @@ LR = {"bitfit": 1e-4, "adapter": 1e-4, "prefix": 2e-4, "lora": 5e-4, "unipelt_ap
       "unipelt_apl_nogate": 5e-4}
 
 
-def build(args, R: int, device, graphed: bool = False):
+def build(args, R: int, device, graphed: bool = False, activations: str = "fp32"):
     from unipelt import PeltModel, preset
     from unipelt.data import build_task_data, get_task
     from unipelt.encoders import load_encoder, load_tokenizer
@@ -58,14 +58,15 @@ def build(args, R: int, device, graphed: bool = False):
                                  checkpoint_every_s=1e9)
         runs.append(GroupRun(f"r{i}", spec, settings, encode(data.train, spec, tokenizer, 128),
                              encode(data.dev, spec, tokenizer, 128), tmp / f"r{i}"))
+    extra = {} if activations == "fp32" else {"activations": activations}  # packages before the setting: fp32
     trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, 128, device, args.precision, progress=False,
-                           cuda_graph=graphed)
+                           cuda_graph=graphed, **extra)
     trainer._start()
     return trainer
 
 
-def measure(args, R: int, device, graphed: bool = False) -> dict:
-    trainer = build(args, R, device, graphed)
+def measure(args, R: int, device, graphed: bool = False, activations: str = "fp32") -> dict:
+    trainer = build(args, R, device, graphed, activations)
     if args.losses:  # every step's loss of every run (a host sync per step: for comparing packages, not timing)
         trainer.step_losses = {}
     live = list(trainer.runs)
@@ -109,7 +110,7 @@ def measure(args, R: int, device, graphed: bool = False) -> dict:
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
-    return {"R": R, "graphed": graphed, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
+    return {"R": R, "graphed": graphed, "activations": activations, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
             "kernels": len(kernels), "syncs": syncs, "noise_ms": noise_ms, "kernel_ms": 1000 * kernel_s, "where": where, "top": top,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -184,19 +185,21 @@ def main(argv=None) -> None:
     p.add_argument("--losses", default=None,
                    help="write every run's per-step training losses to this JSON file (one group size and mode)")
     p.add_argument("--graph", default="off", help="group.cuda_graph values to measure, e.g. off,on (graphed steps)")
+    p.add_argument("--activations", default="fp32", help="group.activations values to measure, e.g. fp32,bf16")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     if args.attention:
         attention_table()
     modes = [{"off": False, "on": True}[m] for m in args.graph.split(",")]
-    rows = [measure(args, int(r), device, g) for r in args.runs.split(",") for g in modes]
+    rows = [measure(args, int(r), device, g, a) for r in args.runs.split(",") for g in modes
+            for a in args.activations.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, {args.task} K={args.k}, {args.precision}, batch 16, "
           f"dev 1000 (eval batch 256 per run)\n")
-    print("| runs | graphed | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
+    print("| runs | graphed | activations | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
           "| noise ms/step | GPU ms per run-epoch |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
+        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {r['activations']} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
               f"| {r['busy']:.0f} | {r['kernels']} | {r['syncs']} | {r['peak_gb']:.1f} | {r['noise_ms']:.2f} | {r['kernel_ms'] / r['R']:.1f} |")
     for r in rows:
         print(f"\nR={r['R']}: sync sites {r['where']}")

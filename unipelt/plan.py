@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from .confdir import CONF_DIR
 from .config import PeltConfig
 from .data import DataError, TaskSpec, check_data_seed, check_k, default_data_dir, get_task
+from .grouping.activations import check_activations
 from .training.checkpoint import Checkpointer
 from .training.record import (
     run_id,
@@ -229,6 +230,10 @@ def plan(cfg: DictConfig) -> RunPlan:
     _check_optional_positive("group.eval_rows", group.get("eval_rows"))
     _check_bool("group.cuda_graph", group.get("cuda_graph", False))
     _check_optional_positive("group.graph_bucket", group.get("graph_bucket"))
+    try:
+        check_activations(group.get("activations", "fp32"), settings.mixed_precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     tag = cfg.output.get("tag")
     if tag is not None and not NAME_RE.fullmatch(str(tag)):
         raise ConfigError(f"output.tag must be a name of letters, digits and _.+=- (it is part of the run id), "

@@ -53,10 +53,12 @@ class ModuleSite(nn.Module):
         """`y` = base(x), computed here or elsewhere (a fused projection): add the active task's deltas of `x`, then
         apply its posts. `factored_done`: `y` already holds the low-rank deltas (folded into the caller's matmul)."""
         task = self._state.active
+        same_dtype = self._state.activations == "bf16"
         for fn, factors in self._deltas.get(task, ()):
             if factored_done and factors is not None:
                 continue
-            y = y + fn(x)
+            delta = fn(x)
+            y = y + (delta.to(y.dtype) if same_dtype and isinstance(delta, torch.Tensor) else delta)
         for fn in self._posts.get(task, ()):
             y = fn(y)
         return y

@@ -14,6 +14,10 @@ class ForwardState:
         self.mask: torch.Tensor | None = None  # (B, T) float, 1 for real tokens
         self.layer_inputs: dict[int, torch.Tensor] = {}
         self.cache: dict = {}
+        # "bf16": hidden states stay in the matmuls' dtype, deltas join a module's output in its dtype and attention
+        # probabilities are kept in it (grouping/activations.py); "fp32": the usual promotion (an fp32 delta makes
+        # the output fp32)
+        self.activations = "fp32"
 
     def begin(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.layer_inputs = {}

@@ -20,15 +20,18 @@ from .noise import dropout_scale, keep_mask
 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       noise_tokens: torch.Tensor, noise_prefix: torch.Tensor | None, p: float,
-                      scale: float) -> torch.Tensor:
+                      scale: float, compact: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale + mask) with dropout (keep where noise >= p; prefix columns first), times v.
     `mask`: bool (True = attend) or additive, broadcastable to the scores; None: no mask. q, k and v are cast to the
-    dtype the matmuls run in (autocast's, as torch.matmul would cast them) before they enter."""
+    dtype the matmuls run in (autocast's, as torch.matmul would cast them) before they enter.
+    `compact` (group.activations=bf16): the probabilities and their gradient are stored in the scores' dtype (the
+    softmax still accumulates in fp32 inside its kernel) instead of fp32: half the bytes of the step's largest
+    tensors."""
     dtype = matmul_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     keep = dropout_scale(keep_mask(noise_tokens, noise_prefix, p), p)
     with torch.autocast(q.device.type, enabled=False):
-        return _DropoutAttention.apply(q, k, v, mask, keep, scale)
+        return _DropoutAttention.apply(q, k, v, mask, keep, scale, compact)
 
 
 def _bmm4(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,10 +44,10 @@ def _bmm4(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 class _DropoutAttention(torch.autograd.Function):
     """out = dropout(softmax(fp32(q k^T * scale (+ mask)))) v with the dropout given as `keep` (the keep mask times
-    1/(1-p), fp32). q, k, v share one dtype (the matmuls')."""
+    1/(1-p), fp32). q, k, v share one dtype (the matmuls'). `compact`: probabilities in the scores' dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, keep, scale):
+    def forward(ctx, q, k, v, mask, keep, scale, compact):
         scores, q3, kt3 = _bmm4(q, k.transpose(-1, -2))
         scores = scores * scale
         if mask is not None and mask.dtype == torch.bool:
@@ -52,12 +55,12 @@ class _DropoutAttention(torch.autograd.Function):
         elif mask is not None:
             scores = scores + mask  # an additive mask may promote the scores (as the plain formula does)
         score_dtype = scores.dtype
-        probs = torch.softmax(scores.float(), dim=-1)
+        probs = torch.softmax(scores if compact else scores.float(), dim=-1)
         kept = torch.mul(probs, keep, out=torch.empty_like(probs, dtype=v.dtype))  # rounded once, into v's dtype
         out, kept3, v3 = _bmm4(kept, v)
         ctx.save_for_backward(q3, kt3, kept3, v3, probs, keep)
         ctx.meta = (q.shape, k.shape, v.shape, score_dtype, q.dtype)  # shapes and dtypes
-        ctx.scale = scale
+        ctx.scale, ctx.compact = scale, compact
         return out
 
     @staticmethod
@@ -68,9 +71,11 @@ class _DropoutAttention(torch.autograd.Function):
         g3 = grad.reshape(n, t, v3.shape[2])
         d_kept = torch.bmm(g3, v3.transpose(1, 2))  # (n, t, s) in the matmuls' dtype
         dv = torch.bmm(kept3.transpose(1, 2), g3).view(v_shape)
-        d_probs = torch.mul(d_kept.view(probs.shape), keep)  # fp32: the gradient times 1/(1-p) where kept
-        d_scores = torch._softmax_backward_data(d_probs, probs, -1, torch.float32)
+        # the gradient times 1/(1-p) where kept, in the probabilities' dtype (fp32 unless compact)
+        d_kept = d_kept.view(probs.shape)
+        d_probs = torch.mul(d_kept, keep, out=torch.empty_like(probs)) if ctx.compact else torch.mul(d_kept, keep)
+        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
         d_scores = d_scores.to(score_dtype).to(dtype).mul_(ctx.scale).reshape(n, t, -1)
         dq = torch.bmm(d_scores, kt3.transpose(1, 2)).view(q_shape)
         dk = torch.bmm(q3.transpose(1, 2), d_scores).view(k_shape[0], k_shape[1], k_shape[3], k_shape[2])
-        return dq, dk.transpose(-1, -2), dv, None, None, None
+        return dq, dk.transpose(-1, -2), dv, None, None, None, None

@@ -59,7 +59,9 @@ class GroupEngine:
         self._lists: dict = {}
         self._constants: dict = {}
         self._frozen: dict | None = None  # see frozen_parameters
-        self.mask_dtype = model.encoder.dtype  # fp32, also after GroupTrainer casts the frozen linears to bf16
+        # fp32 (or wider), also after GroupTrainer casts the frozen encoder to bf16: a group re-formed after that
+        # cast must build the same masks and gate pooling weights as before it
+        self.mask_dtype = torch.promote_types(model.encoder.dtype, torch.float32)
         self.stacks = ParameterStacks(len(self.members))  # the runs' parameters, stacked once (stacks.py)
         self._member_pos = {m: i for i, m in enumerate(self.members)}
         self.prefix_length = 0
@@ -427,7 +429,8 @@ class GroupEngine:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
                 tokens, cols = noise.probs_noise(layer, q.shape[2], prefix)
-                out = dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale)
+                out = dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale,
+                                        compact=self.model.state.activations == "bf16")
             n, _, t, _ = out.shape
             return out.transpose(1, 2).reshape(n, t, site.num_heads * site.head_dim), None
 

@@ -64,7 +64,12 @@ def group_key(p: RunPlan) -> tuple:
     s = p.settings
     return (str(p.model_path), p.model_name, p.num_layers, p.spec.name, str(p.k), str(p.data_dir), p.dev_size,
             p.max_length, s.batch_size, s.mixed_precision, s.deterministic,  # deterministic: a process-wide mode
-            graph_settings(p.config or {}))
+            graph_settings(p.config or {}), activations(p.config or {}))
+
+
+def activations(cfg) -> str:
+    """group.activations of a run's config ("fp32" where absent: records from before the setting)."""
+    return _group_setting(cfg, "activations") or "fp32"
 
 
 def graph_settings(cfg) -> tuple[bool, int | None]:
@@ -303,7 +308,7 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
         trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
                                first.settings.mixed_precision, progress=progress, eval_rows=eval_rows, slots=size,
                                admit=admit, release=lambda run: model.remove_task(run.name), cuda_graph=cuda_graph,
-                               graph_bucket=graph_bucket)
+                               graph_bucket=graph_bucket, activations=activations(first.config or {}))
         if len(runs) > 1:
             queued = f", {size} at a time" if size < len(runs) else ""
             print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}{queued}) on {device}", flush=True)

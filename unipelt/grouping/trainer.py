@@ -38,6 +38,7 @@ from ..training.cuda_graph import DEFAULT_GRAPH_BUCKET, bucket_width
 from ..training.determinism import deterministic_algorithms
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
+from .activations import check_activations, use_bf16_stream
 from .engine import GroupEngine
 from .graphs import GroupStepGraphs
 from .stacks import StackedAdamW
@@ -143,16 +144,18 @@ class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
                  eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None,
-                 cuda_graph: bool = False, graph_bucket: int | None = None) -> None:
+                 cuda_graph: bool = False, graph_bucket: int | None = None, activations: str = "fp32") -> None:
         """`slots`: runs trained at once (None: all); the rest wait and take the slots of runs that stop.
         `admit(run)` is called before a run starts (the runner adds its task to the model there; without it every
         run must already be a task of the model); `release(run)` once a stopped run has left the group (its
         on_finished call is done) and its task is no longer needed.
         `cuda_graph`: training steps padded to `graph_bucket`-token widths (default DEFAULT_GRAPH_BUCKET) and, on a
         GPU, each (live runs, shape) captured once as a CUDA graph and replayed (graphs.py); on a CPU the same
-        static-buffer step runs without capture."""
+        static-buffer step runs without capture.
+        `activations`: "bf16" keeps the hidden states in bf16 between layers (activations.py; needs bf16)."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
+        self.activations = check_activations(activations, mixed_precision)
         if slots is not None and (not isinstance(slots, int) or slots < 1):
             raise ValueError(f"slots must be a positive integer or None, got {slots!r}")
         self.model = model
@@ -182,6 +185,8 @@ class GroupTrainer:
         self._form()
         if cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
             cast_frozen_linears(model.encoder, torch.bfloat16)
+        if activations == "bf16":
+            use_bf16_stream(model)
 
     def _form(self) -> None:
         """The engine and row banks of the current members (`self.runs`, in slot order)."""
