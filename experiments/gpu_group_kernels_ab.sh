@@ -20,11 +20,4 @@ for pkg in old new; do
   PYTHONPATH="/tmp/site:$dir" python3 "${P[@]}" --runs 8 --graph off --epochs 1 --losses "$out/losses_$pkg.json" \
     > "$out/losses_$pkg.log" 2>&1
 done
-python3 - "$out" <<'PY' | tee "$out/losses_compare.txt"
-import json, sys
-old, new = (json.load(open(f"{sys.argv[1]}/losses_{p}.json")) for p in ("old", "new"))
-steps = sum(len(v) for v in old.values())
-same = sum(a == b for r in old for a, b in zip(old[r], new.get(r, [])))
-print(f"per-step losses of {len(old)} runs: {same} of {steps} identical between the packages; "
-      f"largest difference {max(abs(a - b) for r in old for a, b in zip(old[r], new[r])):.3g}")
-PY
+python3 experiments/compare_losses.py "$out/losses_old.json" "$out/losses_new.json" | tee "$out/losses_compare.txt"

@@ -173,3 +173,27 @@ def test_bf16_activations_on_cuda_graphed_replay_the_eager_steps_and_stay_close_
                                    equal_nan=True)
         torch.testing.assert_close(torch.tensor(losses["fp32"][name]), torch.tensor(eager), rtol=0, atol=2e-2,
                                    equal_nan=True)
+
+
+def test_a_sweep_with_bf16_activations_records_it_and_trains_close_to_the_fp32_stream(tmp_path):
+    """Through the runner (what `unipelt -m` and experiments/sweep.py call): the setting reaches the group's trainer
+    (the losses move by bf16 rounding, not more) and every record states it."""
+    from test_grouping import TINY
+
+    from unipelt.grouping.runner import execute_many
+
+    def cfgs(runs_dir, *extra):
+        return [config(*TINY, f"method={m}", "train.epochs=2", "train.mixed_precision=bf16",
+                       f"output.runs_dir={runs_dir}", "output.save_modules=false", *extra)
+                for m in ("bitfit", "unipelt_apl")]
+
+    bf16 = execute_many(cfgs(tmp_path / "bf16", "group.activations=bf16"))
+    fp32 = execute_many(cfgs(tmp_path / "fp32"))
+    assert [o.status for o in bf16] == [o.status for o in fp32] == ["complete"] * 2
+    for b, f in zip(bf16, fp32):
+        assert b.record["group_size"] == f.record["group_size"] == 2
+        assert b.record["config"]["group"]["activations"] == "bf16"
+        assert f.record["config"]["group"]["activations"] == "fp32"
+        losses_b = [h["train_loss"] for h in b.record["history"]]
+        losses_f = [h["train_loss"] for h in f.record["history"]]
+        assert losses_b != losses_f and losses_b == pytest.approx(losses_f, abs=0.02)

@@ -7,10 +7,11 @@ move 4 bytes per value, and the next matmul casts them again. A grouped step is 
 FLOPs (experiments/group_step_traffic.py counts them).
 
 With this mode the frozen encoder (embeddings and layer norms included) is stored in bf16, layer norms normalise
-in fp32 inside the kernel and return bf16, and the runs' deltas join each output in its dtype. The runs' own
-parameters, their gradients and AdamW stay fp32, as do the softmax of the attention scores and the loss. The
-numbers differ from the fp32 stream by bf16 rounding of the hidden states, so it is a setting the records state,
-off by default.
+in fp32 inside the kernel and return bf16, the runs' deltas join each output in its dtype, and the grouped
+attention keeps its probabilities and their gradient in bf16 (attention.py, `compact`; the softmax accumulates in
+fp32 inside its kernel). The runs' own parameters, their gradients and AdamW stay fp32, as do the dropout scale and
+the loss. The numbers differ from the fp32 stream by bf16 rounding, so it is a setting the records state, off by
+default.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def use_bf16_stream(model: "PeltModel") -> int:
                 raise ValueError("group.activations=bf16 needs a frozen encoder; a layer norm trains")
             module.__class__ = StreamLayerNorm  # same parameters and state dict, another forward
             n += 1
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if not param.requires_grad and param.is_floating_point():
                 param.data = param.data.to(torch.bfloat16)
     model.state.activations = "bf16"
