@@ -6,6 +6,7 @@
 # packed on GPU 1 (one host: 32 cores for 7 + 16 processes); with one GPU, one after the other.
 # Carry .whl .dev/glue and MiniLM in two parts (experiments/prepare_device.sh). Prints one JSON line per mode (rows of sweep_throughput.json) into $OUT/rows.jsonl.
 #   K=100 WINDOW=200 bash experiments/gpu_side_by_side.sh
+# GROUPED_EXTRA adds sweep.py arguments to the grouped mode only (e.g. "--max-runs 12 --queue 18 --set group.cuda_graph=true").
 set -u
 out=${OUT:-side_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -31,11 +32,11 @@ measure() {  # mode gpu runs_dir extra...
     --util "$out/util_${mode}_k$K.txt" --note "$note" | tee -a "$out/rows.jsonl"
 }
 if [ "$CONCURRENT" = 1 ]; then
-  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}" &
+  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}" ${GROUPED_EXTRA:-} &
   measure packed 1 .sweep/side/packed_k$K --workers 16 --set group.enabled=false &
   wait
 else
-  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}"
+  measure grouped 0 .sweep/side/grouped_k$K --workers-per-device "${WPD:-3}" ${GROUPED_EXTRA:-}
   measure packed 0 .sweep/side/packed_k$K --workers 16 --set group.enabled=false
 fi
 tail -n 3 "$out"/sweep_*_k$K.txt
