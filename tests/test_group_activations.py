@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_grouping import MIXED, build_group, config
+from test_grouping import MIXED, build_group, config, dropout_encoder
 from test_grouping_kernels import attention_inputs
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,9 +47,11 @@ def stream_outputs(mode: _Outputs) -> list:
     return [(op, shape, dtype) for op, shape, dtype in mode.outputs if op in STREAM_OPS and dtype.is_floating_point]
 
 
-def trainer_for(tmp_path, activations: str, specs=MIXED, **kw) -> GroupTrainer:
-    model, runs = build_group(specs, tmp_path / activations, epochs=2, mixed_precision="bf16")
-    return GroupTrainer(model, runs, 0, 24, "cpu", mixed_precision="bf16", progress=False, activations=activations,
+def trainer_for(tmp_path, activations: str, specs=MIXED, arch: str = "bert", **kw) -> GroupTrainer:
+    model, runs = build_group(specs, tmp_path / activations, epochs=2, mixed_precision="bf16",
+                              encoder=lambda: dropout_encoder(arch))
+    pad = 1 if arch == "roberta" else 0  # RoBERTa's padding id (its positions count from it)
+    return GroupTrainer(model, runs, pad, 24, "cpu", mixed_precision="bf16", progress=False, activations=activations,
                         **kw)
 
 
@@ -92,12 +94,14 @@ def test_bf16_activations_keep_every_hidden_state_and_probability_in_bf16_and_th
     assert found["bf16"][1] < 0.85 * found["fp32"][1], (found["bf16"][1], found["fp32"][1])  # 0.79 here; 0.60 at MiniLM size
 
 
-def test_bf16_activations_train_each_run_close_to_the_fp32_stream(tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet"])
+def test_bf16_activations_train_each_run_close_to_the_fp32_stream(tmp_path, arch):
     """The same runs, data, noise and updates: only the stream's rounding differs, so every step's loss of every
-    mixed run stays within bf16 noise of the fp32 stream's, and the dev metrics too."""
+    mixed run stays within bf16 noise of the fp32 stream's, and the dev metrics too (MPNet: with its relative
+    position bias in the attention scores)."""
     results = {}
     for activations in ("fp32", "bf16"):
-        trainer = trainer_for(tmp_path, activations)
+        trainer = trainer_for(tmp_path, activations, arch=arch)
         trainer.step_losses = {}
         trainer.fit()
         results[activations] = (trainer.step_losses, {r.name: r.result.history[-1]["dev_score"]
