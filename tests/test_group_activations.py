@@ -3,12 +3,13 @@ probabilities in bf16, moves fewer bytes, and trains close to the fp32 stream; t
 groups and is stated in records."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_grouping import MIXED, build_group, config, dropout_encoder
 from test_grouping_kernels import attention_inputs
-from torch.utils._pytree import tree_leaves
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from unipelt.grouping.activations import StreamLayerNorm
 from unipelt.grouping.attention import dropout_attention
@@ -17,34 +18,23 @@ from unipelt.grouping.trainer import GroupTrainer
 from unipelt.plan import ConfigError, plan
 from unipelt.training.record import config_diff
 
-
-class _Outputs(TorchDispatchMode):
-    """Records (shape, dtype) of every operator output and the bytes every operator reads and writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.outputs, self.bytes = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ not in ("view", "_unsafe_view", "transpose", "expand", "detach", "t",
-                                                "permute", "slice", "select", "unsqueeze", "squeeze", "as_strided",
-                                                "unbind", "split", "split_with_sizes", "alias", "empty",
-                                                "empty_like", "empty_strided", "new_empty", "resize_"):
-            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-        if isinstance(out, torch.Tensor):
-            self.outputs.append((func.overloadpacket.__name__, tuple(out.shape), out.dtype))
-        return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from group_step_traffic import Traffic  # noqa: E402  (bytes counted as the benchmark counts them)
 
 
 STREAM_OPS = {"add", "add_", "native_layer_norm", "native_layer_norm_backward", "_softmax", "_softmax_backward_data",
               "gelu", "gelu_backward", "bmm", "mm", "addmm", "baddbmm", "cat", "sum"}
 
 
-def stream_outputs(mode: _Outputs) -> list:
-    """The floating-point outputs of the operators that compute activations (not masks or noise)."""
-    return [(op, shape, dtype) for op, shape, dtype in mode.outputs if op in STREAM_OPS and dtype.is_floating_point]
+def stream_outputs(mode: Traffic) -> list:
+    """(operator, shape, dtype) of the floating-point outputs of the operators that compute activations (not masks or
+    noise), from the byte counter of experiments/group_step_traffic.py."""
+    return [(op, shape, getattr(torch, dtype)) for op, shape, dtype, _ in mode.rows
+            if op in STREAM_OPS and dtype in ("float32", "bfloat16", "float16")]
+
+
+def total_bytes(mode: Traffic) -> int:
+    return sum(nbytes for *_, nbytes in mode.rows)
 
 
 def trainer_for(tmp_path, activations: str, specs=MIXED, arch: str = "bert", **kw) -> GroupTrainer:
@@ -55,7 +45,7 @@ def trainer_for(tmp_path, activations: str, specs=MIXED, arch: str = "bert", **k
                         **kw)
 
 
-def one_step(trainer: GroupTrainer, mode: TorchDispatchMode) -> None:
+def one_step(trainer: GroupTrainer, mode: Traffic) -> None:
     """One grouped training step of every run (4 rows each) under `mode`."""
     runs = list(trainer.runs)
     rows = [trainer.train_bank.offsets[r.index] + i for r in runs for i in range(4)]
@@ -72,15 +62,15 @@ def test_bf16_activations_keep_every_hidden_state_and_probability_in_bf16_and_th
     for activations in ("fp32", "bf16"):
         trainer = trainer_for(tmp_path, activations)
         trainer._start()
-        one_step(trainer, _Outputs())  # warm-up: optimizer state, stacks
-        mode = _Outputs()
+        one_step(trainer, Traffic())  # warm-up: optimizer state, stacks
+        mode = Traffic()
         one_step(trainer, mode)
         rows = 4 * len(trainer.runs)
         # what the stream computes, forward and backward: hidden states (rows, T, 32), FFN activations (rows, T, 64),
         # attention probabilities (rows, heads, T, P + T) (dropout keep masks and noise are not activations)
         big = {dtype for op, shape, dtype in stream_outputs(mode) if len(shape) >= 3 and shape[0] == rows
                and shape[1] > 1}
-        found[activations] = (big, mode.bytes)
+        found[activations] = (big, total_bytes(mode))
         trainable = {p.dtype for r in trainer.runs for p in trainer.model.trainable_named_parameters(r.name).values()}
         assert trainable == {torch.float32}  # the runs' parameters, gradients and AdamW stay fp32
         frozen = {p.dtype for p in trainer.model.encoder.parameters()}
@@ -127,7 +117,7 @@ def test_compact_attention_probabilities_are_bf16_and_close_to_the_fp32_ones():
     results = []
     for compact in (False, True):
         (q, k, v), mask, tokens, cols = attention_inputs(torch.bfloat16, 4, False)
-        mode = _Outputs()
+        mode = Traffic()
         with mode:
             out = dropout_attention(q, k, v, mask, tokens, cols, 0.1, 8 ** -0.5, compact=compact)
             out.float().square().sum().backward()

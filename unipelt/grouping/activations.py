@@ -45,19 +45,15 @@ def check_activations(value, mixed_precision: str) -> str:
     return value
 
 
-def use_bf16_stream(model: "PeltModel") -> int:
+def use_bf16_stream(model: "PeltModel") -> None:
     """Store the frozen encoder in bf16, make its layer norms return bf16 and the sites add deltas in the output's
-    dtype. For a model that trains in groups only: the runs' modules keep fp32. Returns how many layer norms now
-    return bf16."""
-    n = 0
+    dtype. For a model that trains in groups only: the runs' modules keep fp32."""
     for module in model.encoder.modules():
         if isinstance(module, torch.nn.LayerNorm) and not isinstance(module, StreamLayerNorm):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 raise ValueError("group.activations=bf16 needs a frozen encoder; a layer norm trains")
             module.__class__ = StreamLayerNorm  # same parameters and state dict, another forward
-            n += 1
         for param in module.parameters(recurse=False):
             if not param.requires_grad and param.is_floating_point():
                 param.data = param.data.to(torch.bfloat16)
     model.state.activations = "bf16"
-    return n

@@ -155,7 +155,7 @@ class GroupTrainer:
         `activations`: "bf16" keeps the hidden states in bf16 between layers (activations.py; needs bf16)."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
-        self.activations = check_activations(activations, mixed_precision)
+        check_activations(activations, mixed_precision)  # the model's state carries it (use_bf16_stream)
         if slots is not None and (not isinstance(slots, int) or slots < 1):
             raise ValueError(f"slots must be a positive integer or None, got {slots!r}")
         self.model = model
@@ -183,10 +183,10 @@ class GroupTrainer:
             if admit is not None:
                 admit(run)
         self._form()
-        if cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
-            cast_frozen_linears(model.encoder, torch.bfloat16)
-        if activations == "bf16":
+        if activations == "bf16":  # the whole frozen encoder in bf16, its linears included
             use_bf16_stream(model)
+        elif cast_frozen and mixed_precision == "bf16":  # exact (cast_frozen_linears); cast_frozen=False: tests
+            cast_frozen_linears(model.encoder, torch.bfloat16)
 
     def _form(self) -> None:
         """The engine and row banks of the current members (`self.runs`, in slot order)."""
