@@ -6,14 +6,14 @@
 # packed on GPU 1 (one host: 32 cores for 7 + 16 processes); with one GPU, one after the other.
 # Carry .whl .dev/glue and MiniLM in two parts (experiments/prepare_device.sh). Prints one JSON line per mode (rows of sweep_throughput.json) into $OUT/rows.jsonl.
 #   K=100 WINDOW=200 bash experiments/gpu_side_by_side.sh
-# GROUPED_EXTRA adds sweep.py arguments to the grouped mode only (e.g. "--max-runs 12 --queue 18 --set group.cuda_graph=true").
+# SEEDS=111 takes one data seed instead of all five (a 40-run slice). GROUPED_EXTRA adds sweep.py arguments to the grouped mode only (e.g. "--max-runs 12 --queue 18 --set group.cuda_graph=true").
 set -u
 out=${OUT:-side_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 K=${K:-100}
 WINDOW=${WINDOW:-200}   # seconds after which no new work starts (work in flight finishes)
 # MPS=auto|on: the sweep under NVIDIA MPS (sweep.py --mps); default off, as in the rows measured before it
-common=(--mps "${MPS:-off}" --ks "$K" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
+common=(--mps "${MPS:-off}" --ks "$K" --seeds "${SEEDS:-111,222,333,444,555}" --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16
         --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false --deadline "$WINDOW")
 ngpu=$(nvidia-smi -L | wc -l)
 CONCURRENT=${CONCURRENT:-$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)}
