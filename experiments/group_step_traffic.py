@@ -11,11 +11,14 @@ read the totals as a map of where the bytes go, not as the GPU's exact figure.
     python experiments/group_step_traffic.py --model .dev/minilm --data .dev/glue --task rte --runs 12
 
 Prints the total operators and GB, then the top operators and the top (operator, output shape, dtype) rows.
+`--by-source` first prints the bytes by the unipelt file that caused them, forward and backward.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import re
+import traceback
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -33,11 +36,13 @@ def tensor_bytes(tree) -> int:
 
 
 class Traffic(TorchDispatchMode):
-    """(operator, output shape, output dtype, bytes in + out) of every computing operator."""
+    """(operator, output shape, output dtype, bytes in + out) of every computing operator; with `sources`, each row
+    also names the unipelt module that caused it (see source_of)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sources: bool = False) -> None:
         super().__init__()
         self.rows = []
+        self.sources = sources
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -45,8 +50,25 @@ class Traffic(TorchDispatchMode):
         if name not in SKIPPED:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
             dtype = str(out.dtype).replace("torch.", "") if isinstance(out, torch.Tensor) else ""
-            self.rows.append((name, shape, dtype, tensor_bytes((args, kwargs)) + tensor_bytes(out)))
+            row = (name, shape, dtype, tensor_bytes((args, kwargs)) + tensor_bytes(out))
+            self.rows.append(row + (source_of(),) if self.sources else row)
         return out
+
+
+def source_of() -> str:
+    """"forward FILE" or "backward FILE": the innermost unipelt file on the Python stack, or, inside the backward,
+    on the stack that built the autograd node being run (kept there by anomaly mode, which the caller turns on)."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        frames = [f"{f.filename}\n" for f in traceback.extract_stack()]
+        phase = "forward"
+    else:
+        trace = node.metadata.get("traceback_", "")
+        frames = (trace if isinstance(trace, str) else "".join(trace)).split("\n")
+        phase = "backward"
+    files = [re.search(r"/unipelt/([\w/]+\.py)", f) for f in frames]
+    files = [m.group(1) for m in files if m]
+    return f"{phase} {files[-1] if files else '?'}"
 
 
 def one_step(trainer, rows: int = 16) -> None:
@@ -70,20 +92,30 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--activations", default="fp32", choices=["fp32", "bf16"], help="group.activations")
+    p.add_argument("--by-source", action="store_true", help="also the bytes by unipelt file, forward and backward "
+                   "(the backward's by the file that built each autograd node: runs under anomaly mode, slower)")
     args = p.parse_args(argv)
     args.precision, args.random_weights = "bf16", True
     trainer = build(args, args.runs, torch.device("cpu"), activations=args.activations)
     trainer.model.train()
     one_step(trainer)  # warm-up: optimizer state, cached stacks
-    traffic = Traffic()
-    with traffic:
+    traffic = Traffic(sources=args.by_source)
+    with torch.autograd.set_detect_anomaly(args.by_source, check_nan=False), traffic:
         one_step(trainer)
     total = sum(r[3] for r in traffic.rows)
     print(f"{args.runs} runs x 16 rows, {args.task} K={args.k}, bf16 autocast, {args.activations} activations (CPU): "
           f"{len(traffic.rows)} operators, {total / 1e9:.1f} GB read + written\n")
     by_op, by_shape = collections.Counter(), collections.Counter()
     calls_op, calls_shape = collections.Counter(), collections.Counter()
-    for name, shape, dtype, nbytes in traffic.rows:
+    if args.by_source:
+        by_source = collections.Counter()
+        for row in traffic.rows:
+            by_source[row[4]] += row[3]
+        print("| phase and unipelt file | GB | share |\n|---|---:|---:|")
+        for where, nbytes in by_source.most_common(args.top):
+            print(f"| {where} | {nbytes / 1e9:.2f} | {100 * nbytes / total:.1f}% |")
+        print()
+    for name, shape, dtype, nbytes, *_ in traffic.rows:
         by_op[name] += nbytes
         calls_op[name] += 1
         by_shape[(name, shape, dtype)] += nbytes
