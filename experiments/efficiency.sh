@@ -50,8 +50,8 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
   render "$report/bench.json" "$report/efficiency_bench.md"
 fi
 if [[ -z "${SKIP_SWEEP:-}" ]]; then
-  # One process per method (not one in-process multirun): a record's peak memory is the process's (CPU: max RSS,
-  # CUDA: max allocated, neither reset between runs of one process), so only a fresh process gives a per-run peak.
+  # One process per method (not one in-process multirun): on CPU a record's peak memory is the process's max RSS,
+  # which cannot be reset between runs (CUDA's peak is reset per run), so only a fresh process gives a per-run peak.
   methods=${METHODS:-$(python -c 'from hydra import compose, initialize_config_dir
 from unipelt.confdir import CONF_DIR
 with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
