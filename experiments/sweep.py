@@ -254,7 +254,8 @@ def run_grouped(args, todo: list[list[str]], extra: list[str], start: float, log
             log(row)
         print(f"[{time.perf_counter() - start:7.1f}s] {result.device} group of {len(job.overrides)} "
               f"({' '.join(job.overrides[0][:1] + job.overrides[0][2:3])}): "
-              f"{sum(o.status == 'complete' for o in result.outcomes)} complete in {result.wall_s:.1f}s", flush=True)
+              f"{sum(o.status == 'complete' for o in result.outcomes)} complete in {result.wall_s:.1f}s; "
+              f"{len(finished)} of {len(todo)} runs finished", flush=True)
 
     # the workers start first: their imports (torch, transformers; seconds) overlap the planning here
     with WorkerPool(devices, args.workers_per_device, n_solo, threads=args.threads, compose=Composer(extra)) as pool:
@@ -333,8 +334,8 @@ def run_packed(args, todo: list[list[str]], extra: list[str], start: float, log)
                 result = fut.result()
                 finished.append(result)
                 log(result)
-                print(f"[{time.perf_counter() - start:7.1f}s] {result['status']:9s} {result['wall_s']:6.1f}s "
-                      + " ".join(result["overrides"][:4]), flush=True)
+                print(f"[{time.perf_counter() - start:7.1f}s] {len(finished):4d}/{len(todo)} {result['status']:9s} "
+                      f"{result['wall_s']:6.1f}s " + " ".join(result["overrides"][:4]), flush=True)
     return finished
 
 

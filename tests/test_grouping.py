@@ -490,6 +490,9 @@ def test_the_sweep_runs_groups_in_worker_processes_one_per_device_slot(tmp_path)
     assert len(rows) == 6 and {r["status"] for r in rows} == {"complete"}
     assert sorted(r["group_size"] for r in rows) == [1, 1, 4, 4, 4, 4]
     assert len(list(runs.glob("*/record.json"))) == 6
+    # progress: each finished job's line counts the runs finished so far, up to the whole sweep
+    counts = [int(c) for c in re.findall(r"; (\d+) of 6 runs finished", proc.stdout)]
+    assert len(counts) == 3 and counts == sorted(counts) and counts[-1] == 6, proc.stdout[-2000:]
     # the log is a timeline: each job's worker, planned device and start (what sweep_timeline.py reads)
     assert {r["device"] for r in rows} <= {"cpu"} and all(0 <= r["began_s"] < 400 for r in rows)
     jobs = {(r["worker"], r["began_s"]) for r in rows}
