@@ -29,7 +29,7 @@ LR = {"bitfit": 1e-4, "adapter": 1e-4, "prefix": 2e-4, "lora": 5e-4, "unipelt_ap
       "unipelt_apl_nogate": 5e-4}
 
 
-def build(args, R: int, device, graphed: bool = False, activations: str = "fp32"):
+def build(args, R: int, device, graphed: bool = False, activations: str = "fp32", attention_dropout: str = "per_run"):
     from unipelt import PeltModel, preset
     from unipelt.data import build_task_data, get_task
     from unipelt.encoders import load_encoder, load_tokenizer
@@ -59,14 +59,17 @@ def build(args, R: int, device, graphed: bool = False, activations: str = "fp32"
         runs.append(GroupRun(f"r{i}", spec, settings, encode(data.train, spec, tokenizer, 128),
                              encode(data.dev, spec, tokenizer, 128), tmp / f"r{i}"))
     extra = {} if activations == "fp32" else {"activations": activations}  # packages before the setting: fp32
+    if attention_dropout != "per_run":  # likewise: packages before group.attention_dropout know per_run only
+        extra["attention_dropout"] = attention_dropout
     trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, 128, device, args.precision, progress=False,
                            cuda_graph=graphed, **extra)
     trainer._start()
     return trainer
 
 
-def measure(args, R: int, device, graphed: bool = False, activations: str = "fp32") -> dict:
-    trainer = build(args, R, device, graphed, activations)
+def measure(args, R: int, device, graphed: bool = False, activations: str = "fp32",
+            attention_dropout: str = "per_run") -> dict:
+    trainer = build(args, R, device, graphed, activations, attention_dropout)
     if args.losses:  # every step's loss of every run (a host sync per step: for comparing packages, not timing)
         trainer.step_losses = {}
     live = list(trainer.runs)
@@ -110,7 +113,7 @@ def measure(args, R: int, device, graphed: bool = False, activations: str = "fp3
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
-    return {"R": R, "graphed": graphed, "activations": activations, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
+    return {"R": R, "graphed": graphed, "activations": activations, "attention_dropout": attention_dropout, "train_ms": train_ms, "eval_ms": eval_ms, "busy": 100 * kernel_s / wall,
             "kernels": len(kernels), "syncs": syncs, "noise_ms": noise_ms, "kernel_ms": 1000 * kernel_s, "where": where, "top": top,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -186,20 +189,22 @@ def main(argv=None) -> None:
                    help="write every run's per-step training losses to this JSON file (one group size and mode)")
     p.add_argument("--graph", default="off", help="group.cuda_graph values to measure, e.g. off,on (graphed steps)")
     p.add_argument("--activations", default="fp32", help="group.activations values to measure, e.g. fp32,bf16")
+    p.add_argument("--attention-dropout", default="per_run",
+                   help="group.attention_dropout values to measure, e.g. per_run,fused")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     if args.attention:
         attention_table()
     modes = [{"off": False, "on": True}[m] for m in args.graph.split(",")]
-    rows = [measure(args, int(r), device, g, a) for r in args.runs.split(",") for g in modes
-            for a in args.activations.split(",")]
+    rows = [measure(args, int(r), device, g, a, d) for r in args.runs.split(",") for g in modes
+            for a in args.activations.split(",") for d in args.attention_dropout.split(",")]
     print(f"\n{torch.cuda.get_device_name()}, {args.task} K={args.k}, {args.precision}, batch 16, "
           f"dev 1000 (eval batch 256 per run)\n")
-    print("| runs | graphed | activations | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
+    print("| runs | graphed | activations | attention dropout | train ms/epoch | eval ms/epoch | ms per run-epoch | GPU busy % | kernels (epoch) | syncs/epoch | peak GB "
           "| noise ms/step | GPU ms per run-epoch |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {r['activations']} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
+        print(f"| {r['R']} | {'yes' if r['graphed'] else 'no'} | {r['activations']} | {r['attention_dropout']} | {r['train_ms']:.0f} | {r['eval_ms']:.0f} | {(r['train_ms'] + r['eval_ms']) / r['R']:.1f} "
               f"| {r['busy']:.0f} | {r['kernels']} | {r['syncs']} | {r['peak_gb']:.1f} | {r['noise_ms']:.2f} | {r['kernel_ms'] / r['R']:.1f} |")
     for r in rows:
         print(f"\nR={r['R']}: sync sites {r['where']}")

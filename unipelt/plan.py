@@ -20,6 +20,7 @@ from .confdir import CONF_DIR
 from .config import PeltConfig
 from .data import DataError, TaskSpec, check_data_seed, check_k, default_data_dir, get_task
 from .grouping.activations import check_activations
+from .grouping.attention import check_attention_dropout
 from .training.checkpoint import Checkpointer
 from .training.record import (
     run_id,
@@ -232,6 +233,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     _check_optional_positive("group.graph_bucket", group.get("graph_bucket"))
     try:
         check_activations(group.get("activations", "fp32"), settings.mixed_precision)
+        check_attention_dropout(group.get("attention_dropout", "per_run"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tag = cfg.output.get("tag")

@@ -14,8 +14,29 @@ from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
 from ..sites import matmul_dtype
 from .noise import dropout_scale, keep_mask
+
+# group.attention_dropout: where the dropout mask on the attention probabilities comes from
+DROPOUT_SOURCES = ("per_run", "fused")
+
+
+def check_attention_dropout(value) -> str:
+    """`value` if it is a valid group.attention_dropout, else ValueError."""
+    if value not in DROPOUT_SOURCES:
+        raise ValueError(f"group.attention_dropout must be one of {', '.join(DROPOUT_SOURCES)}, got {value!r}")
+    return value
+
+
+def fused_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float,
+                            scale: float) -> torch.Tensor:
+    """group.attention_dropout=fused: one fused SDPA kernel, whose dropout draws its mask from the process's default
+    generator. No probabilities are written to memory (forward or backward), and no per-run noise is drawn for
+    them; the price is that a run's attention dropout masks depend on its group (the hidden dropouts stay per run).
+    The same distribution of masks, so the same training statistically, not the same run as alone."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
 
 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

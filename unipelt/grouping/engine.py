@@ -22,7 +22,7 @@ from ..gates import Gate
 from ..methods import method_class
 from ..model import PeltModel
 from ..sites import matmul_dtype
-from .attention import dropout_attention
+from .attention import check_attention_dropout, dropout_attention, fused_dropout_attention
 from .noise import NoiseBatch, NoiseLayout, apply_dropout
 from .stacks import ParameterStacks
 from .transfer import to_device
@@ -44,8 +44,12 @@ class GroupStep:
 
 
 class GroupEngine:
-    def __init__(self, model: PeltModel, members: list[str], max_length: int) -> None:
+    def __init__(self, model: PeltModel, members: list[str], max_length: int,
+                 attention_dropout: str = "per_run") -> None:
+        """`attention_dropout`: "per_run" (each run's mask on the attention probabilities from its own noise stream:
+        a run trains the same in any group) or "fused" (one SDPA kernel with its own dropout; attention.py)."""
         self.model = model
+        self.attention_dropout = check_attention_dropout(attention_dropout)
         self.injector = model.injector
         self.info = model.info
         self.members = list(members)
@@ -73,7 +77,7 @@ class GroupEngine:
         self._check_dropouts_covered()
         cfg = model.encoder.config
         self.noise_layout = NoiseLayout(self.info.hidden_size, self.info.num_heads, self.info.num_layers, max_length,
-                                        self.prefix_length)
+                                        self.prefix_length, probs=attention_dropout == "per_run")
         self.hidden_p = float(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
         self.probs_p = float(getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0)
 
@@ -427,6 +431,8 @@ class GroupEngine:
             noise = self.step.noise
             if noise is None or self.probs_p == 0:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            elif self.attention_dropout == "fused":
+                out = fused_dropout_attention(q, k, v, mask, self.probs_p, scale)
             else:  # explicit probabilities: each run's dropout mask on them comes from its own stream
                 tokens, cols = noise.probs_noise(layer, q.shape[2], prefix)
                 out = dropout_attention(q, k, v, mask, tokens, cols, self.probs_p, scale,

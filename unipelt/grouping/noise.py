@@ -26,6 +26,7 @@ class NoiseLayout:
     layers: int
     max_length: int
     prefix: int  # prefix length of the group's prefix runs (0: none)
+    probs: bool = True  # noise for the attention probabilities (False: group.attention_dropout=fused draws its own)
     sites: dict = field(default_factory=dict, compare=False)  # name -> (offset, shape) in the common row
     prefix_sites: dict = field(default_factory=dict, compare=False)  # name -> (offset, shape) in the prefix row
 
@@ -33,10 +34,10 @@ class NoiseLayout:
         L, h, H = self.max_length, self.hidden, self.heads
         shapes = [("emb", (L, h))]
         for i in range(self.layers):
-            shapes += [(("probs", i), (H, L, L)), (("attn", i), (L, h)), (("ffn", i), (L, h))]
+            shapes += ([(("probs", i), (H, L, L))] if self.probs else []) + [(("attn", i), (L, h)), (("ffn", i), (L, h))]
         shapes += [("head1", (h,)), ("head2", (h,))]
         _place(self.sites, shapes)
-        if self.prefix:
+        if self.prefix and self.probs:
             _place(self.prefix_sites, [(("probs", i), (H, L, self.prefix)) for i in range(self.layers)])
 
     @property
@@ -112,7 +113,7 @@ class NoiseBatch:
         self.R, self.B = runs, width
         self.common = torch.empty(self.R, width, layout.row_size, device=device, dtype=dtype)
         self.prefix = None
-        if layout.prefix:
+        if layout.prefix_row_size:  # prefix runs' probability noise (none under group.attention_dropout=fused)
             self.prefix = torch.zeros(self.R, width, layout.prefix_row_size, device=device, dtype=dtype)
 
     def draw(self, runs: list[RunNoise], rows: list[int], has_prefix: list[bool]) -> None:

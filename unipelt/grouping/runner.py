@@ -64,12 +64,17 @@ def group_key(p: RunPlan) -> tuple:
     s = p.settings
     return (str(p.model_path), p.model_name, p.num_layers, p.spec.name, str(p.k), str(p.data_dir), p.dev_size,
             p.max_length, s.batch_size, s.mixed_precision, s.deterministic,  # deterministic: a process-wide mode
-            graph_settings(p.config or {}), activations(p.config or {}))
+            graph_settings(p.config or {}), activations(p.config or {}), attention_dropout(p.config or {}))
 
 
 def activations(cfg) -> str:
     """group.activations of a run's config ("fp32" where absent: records from before the setting)."""
     return _group_setting(cfg, "activations") or "fp32"
+
+
+def attention_dropout(cfg) -> str:
+    """group.attention_dropout of a run's config ("per_run" where absent: records from before the setting)."""
+    return _group_setting(cfg, "attention_dropout") or "per_run"
 
 
 def graph_settings(cfg) -> tuple[bool, int | None]:
@@ -308,7 +313,8 @@ def run_group(plans: list[RunPlan], device: torch.device, progress: bool = False
         trainer = GroupTrainer(model, runs, tokenizer.pad_token_id, first.max_length, device,
                                first.settings.mixed_precision, progress=progress, eval_rows=eval_rows, slots=size,
                                admit=admit, release=lambda run: model.remove_task(run.name), cuda_graph=cuda_graph,
-                               graph_bucket=graph_bucket, activations=activations(first.config or {}))
+                               graph_bucket=graph_bucket, activations=activations(first.config or {}),
+                               attention_dropout=attention_dropout(first.config or {}))
         if len(runs) > 1:
             queued = f", {size} at a time" if size < len(runs) else ""
             print(f"group of {len(runs)} runs ({first.spec.name}, k={first.k}{queued}) on {device}", flush=True)

@@ -39,6 +39,7 @@ from ..training.determinism import deterministic_algorithms
 from ..training.trainer import FitResult, TrainingDiverged, TrainSettings, write_log
 from ..training.tracking import RunTracker
 from .activations import check_activations, use_bf16_stream
+from .attention import check_attention_dropout
 from .engine import GroupEngine
 from .graphs import GroupStepGraphs
 from .stacks import StackedAdamW
@@ -144,7 +145,8 @@ class GroupTrainer:
     def __init__(self, model: PeltModel, runs: list[GroupRun], pad_id: int, max_length: int, device,
                  mixed_precision: str = "no", progress: bool = True, cast_frozen: bool = True,
                  eval_rows: int = EVAL_ROWS, slots: int | None = None, admit=None, release=None,
-                 cuda_graph: bool = False, graph_bucket: int | None = None, activations: str = "fp32") -> None:
+                 cuda_graph: bool = False, graph_bucket: int | None = None, activations: str = "fp32",
+                 attention_dropout: str = "per_run") -> None:
         """`slots`: runs trained at once (None: all); the rest wait and take the slots of runs that stop.
         `admit(run)` is called before a run starts (the runner adds its task to the model there; without it every
         run must already be a task of the model); `release(run)` once a stopped run has left the group (its
@@ -152,10 +154,15 @@ class GroupTrainer:
         `cuda_graph`: training steps padded to `graph_bucket`-token widths (default DEFAULT_GRAPH_BUCKET) and, on a
         GPU, each (live runs, shape) captured once as a CUDA graph and replayed (graphs.py); on a CPU the same
         static-buffer step runs without capture.
-        `activations`: "bf16" keeps the hidden states in bf16 between layers (activations.py; needs bf16)."""
+        `activations`: "bf16" keeps the hidden states in bf16 between layers (activations.py; needs bf16).
+        `attention_dropout`: "fused" computes the training attention in one SDPA kernel whose dropout masks come from
+        the default generator, seeded at each round from the first run's seed and the round number (attention.py;
+        default "per_run": each run's masks from its own stream)."""
         if mixed_precision not in ("no", "bf16"):
             raise ValueError(f"grouped training supports train.mixed_precision no or bf16, got {mixed_precision!r}")
         check_activations(activations, mixed_precision)  # the model's state carries it (use_bf16_stream)
+        self.attention_dropout = check_attention_dropout(attention_dropout)
+        self._rounds = 0  # rounds trained by this trainer (the fused attention dropout's seed)
         if slots is not None and (not isinstance(slots, int) or slots < 1):
             raise ValueError(f"slots must be a positive integer or None, got {slots!r}")
         self.model = model
@@ -192,7 +199,7 @@ class GroupTrainer:
         """The engine and row banks of the current members (`self.runs`, in slot order)."""
         for i, run in enumerate(self.runs):
             run.index = i
-        self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length)
+        self.engine = GroupEngine(self.model, [r.name for r in self.runs], self.max_length, self.attention_dropout)
         self.train_bank = RowBank([r.train for r in self.runs], self.pad_id, self.device, self.graph_bucket,
                                   self.max_length)
         if self.step_graphs is not None:
@@ -443,6 +450,9 @@ class GroupTrainer:
         """One epoch of every live run (each at its own epoch number), then a dev evaluation of each."""
         t0 = time.perf_counter()
         self.model.train()
+        self._rounds += 1
+        if self.attention_dropout == "fused":  # a fresh, reproducible stream per round (runs joining re-seed torch)
+            torch.manual_seed(self.all_runs[0].settings.seed * 1_000_003 + self._rounds)
         chunks = {}
         for run in live:
             epoch = run.state["epoch"] + 1

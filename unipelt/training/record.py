@@ -56,9 +56,11 @@ def result_config(config: dict) -> dict:
 # Result-relevant keys added after records existed, with the value that describes how those older records were
 # made: a config without `group.enabled` was trained by the per-run trainer, i.e. group.enabled=false; one without
 # `train.compile` / `train.cuda_graph` (`group.cuda_graph`) was trained uncompiled and ungraphed, one without
-# `train.deterministic` without torch's deterministic mode, one without `group.activations` with an fp32 stream.
+# `train.deterministic` without torch's deterministic mode, one without `group.activations` with an fp32 stream, one
+# without `group.attention_dropout` with each run's own attention dropout masks.
 LEGACY_VALUES = {"group.enabled": False, "train.compile": False, "train.cuda_graph": False,
-                 "train.deterministic": False, "group.cuda_graph": False, "group.activations": "fp32"}
+                 "train.deterministic": False, "group.cuda_graph": False, "group.activations": "fp32",
+                 "group.attention_dropout": "per_run"}
 
 
 def config_diff(old: dict, new: dict, limit: int = 6) -> list[str]:
