@@ -1,7 +1,8 @@
 """The grouped training step's attention with per-run dropout on its probabilities.
 
-A grouped step cannot use a fused attention kernel: each run's dropout mask on the probabilities comes from its own
-stream (noise.py), so the probabilities are explicit: scores, mask, an fp32 softmax, the kept probabilities scaled
+A grouped step cannot use a fused attention kernel if each run's dropout mask on the probabilities is to come from
+its own stream (noise.py; `group.attention_dropout=fused` gives that up for one, `fused_dropout_attention`), so the
+probabilities are explicit: scores, mask, an fp32 softmax, the kept probabilities scaled
 by 1/(1-p), the products. These tensors are the largest of the step (rows x heads x length x (prefix + length)), and
 autograd on the plain formula writes each of them several times over: the keep mask cast to fp32, two products and a
 cast forward, a cast and two products backward. `_DropoutAttention` computes the same numbers with one product each
@@ -13,7 +14,6 @@ H200 (experiments/results/bench/group_graphs.md); this saves more and compiles n
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 
 from ..sites import matmul_dtype

@@ -34,7 +34,8 @@ class NoiseLayout:
         L, h, H = self.max_length, self.hidden, self.heads
         shapes = [("emb", (L, h))]
         for i in range(self.layers):
-            shapes += ([(("probs", i), (H, L, L))] if self.probs else []) + [(("attn", i), (L, h)), (("ffn", i), (L, h))]
+            probs = [(("probs", i), (H, L, L))] if self.probs else []
+            shapes += probs + [(("attn", i), (L, h)), (("ffn", i), (L, h))]
         shapes += [("head1", (h,)), ("head2", (h,))]
         _place(self.sites, shapes)
         if self.prefix and self.probs:
