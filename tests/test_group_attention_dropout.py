@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_group_activations import one_step
 from test_grouping import MIXED, build_group, config, dropout_encoder
 
 import unipelt.grouping.attention as attention
@@ -26,18 +27,6 @@ from group_step_traffic import Traffic  # noqa: E402  (bytes counted as the benc
 def trainer_for(tmp_path, mode: str, specs=MIXED, **kw) -> GroupTrainer:
     model, runs = build_group(specs, tmp_path / mode, epochs=2, encoder=dropout_encoder)
     return GroupTrainer(model, runs, 0, 24, "cpu", progress=False, attention_dropout=mode, **kw)
-
-
-def one_step(trainer: GroupTrainer, mode: Traffic) -> None:
-    """One grouped training step of every run (4 rows each) under `mode`."""
-    runs = list(trainer.runs)
-    rows = [trainer.train_bank.offsets[r.index] + i for r in runs for i in range(4)]
-    batch = trainer.train_bank.batch(rows)
-    labels = batch.pop("labels")
-    has_prefix = ["prefix" in trainer.model.tasks[r.name].methods for r in runs]
-    trainer.model.train()
-    with mode:
-        trainer._eager_step(runs, batch, labels, None, [4] * len(runs), has_prefix, 4, [False] * len(runs))
 
 
 def test_fused_attention_dropout_draws_no_probability_noise_and_moves_fewer_bytes(tmp_path):
