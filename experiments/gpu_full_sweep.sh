@@ -13,13 +13,9 @@ chunk=${CHUNK:-1}; dir=${RUNS:-.sweep/full600}; mkdir -p "$dir"
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$out/util_$chunk.txt" &
 smi=$!
 t0=$(date +%s.%N)
-timeout -s KILL "${LIMIT:-570}" python3 experiments/sweep.py --runs-dir "$dir" --mode grouped --ks 100,500,1000 \
-  --tasks cola,sst2,mrpc,stsb,rte --seeds 111,222,333,444,555 --max-runs "${MAXRUNS:-12}" --queue "${QUEUE:-18}" \
-  --costs-from experiments/results/low_resource_minilm/runs --workers-per-device "${WPD:-5}" --mps on \
-  --deadline "${DEADLINE:-420}" --log "$out/log_$chunk.jsonl" \
-  --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false \
-  --set group.cuda_graph=true ${EXTRA:-} > "$out/sweep_$chunk.txt" 2>&1
+source experiments/full_sweep_args.sh
+timeout -s KILL "${LIMIT:-570}" python3 experiments/sweep.py --runs-dir "$dir" "${FULL_SWEEP[@]}" \
+  --deadline "${DEADLINE:-420}" --log "$out/log_$chunk.jsonl" ${EXTRA:-} > "$out/sweep_$chunk.txt" 2>&1
 t1=$(date +%s.%N); kill $smi
 grep -v "Loading weights" "$out/sweep_$chunk.txt" | grep -v "^done " | tail -n 6
 python3 - "$dir" "$t0" "$t1" "$chunk" <<'PY' | tee "$out/chunk_$chunk.json"

@@ -6,7 +6,7 @@
 #   STEP=start bash experiments/gpu_sweep_bg.sh   copy, start, then watch for up to WATCH seconds
 #   STEP=watch bash experiments/gpu_sweep_bg.sh   watch (next call, back to back) until the sweep ends or WATCH passes
 # Each call copies the sweep's output so far into $OUT; once it has ended, also its wall time (date stamps taken by
-# the session itself around sweep.py) and the records. The grid and settings are gpu_full_sweep.sh's; EXTRA adds
+# the session itself around sweep.py) and the records. The grid and settings are full_sweep_args.sh's; EXTRA adds
 # sweep.py arguments. Needs root on the device (an ordinary user's processes all end with the call) and, for
 # STEP=start, .whl installed in /tmp/site and .dev/minilm + .dev/glue (prepare_device.sh).
 set -u
@@ -23,12 +23,9 @@ export PYTHONPATH="$bg/site:$bg" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > util.txt &
 smi=\$!
 date +%s.%N > t0
-python3 experiments/sweep.py --runs-dir runs --mode grouped --ks 100,500,1000 \
-  --tasks cola,sst2,mrpc,stsb,rte --seeds 111,222,333,444,555 --max-runs ${MAXRUNS:-12} --queue ${QUEUE:-18} \
-  --costs-from experiments/results/low_resource_minilm/runs --workers-per-device ${WPD:-5} --mps on --log log.jsonl \
-  --set model.path=.dev/minilm --set data.dir=.dev/glue --set train.mixed_precision=bf16 \
-  --set train.eval_batch_size=256 --set train.checkpoint_every_s=120 --set train.cuda_graph=false \
-  --set group.cuda_graph=true ${EXTRA:-} > sweep.txt 2>&1
+MAXRUNS=${MAXRUNS:-12} QUEUE=${QUEUE:-18} WPD=${WPD:-5}
+source experiments/full_sweep_args.sh
+python3 experiments/sweep.py --runs-dir runs "\${FULL_SWEEP[@]}" --log log.jsonl ${EXTRA:-} > sweep.txt 2>&1
 echo \$? > rc
 date +%s.%N > t1
 kill \$smi
