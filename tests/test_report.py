@@ -423,3 +423,68 @@ def test_cli_missing_or_empty_folder_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(cli.ReportError):
         cli.build_report(tmp_path / "nope", tmp_path / "o")
+
+
+# ---------------------------------------------------------------- two sweeps compared
+def _other_sweep(root: Path) -> dict[tuple, list[float]]:
+    """A second sweep of part of the grid (K=100 and K=1000, no unipelt_apl_nogate, no cola for lora) with its own
+    scores; returns them per (task, method, k)."""
+    rng = np.random.default_rng(1)
+    scores: dict[tuple, list[float]] = {}
+    for k in (100, 1000):
+        for method, per_task in BASE.items():
+            if method == "unipelt_apl_nogate":
+                continue
+            for task, base in per_task.items():
+                if (method, task) == ("lora", "cola"):
+                    continue
+                for d in DATA_SEEDS:
+                    score = float(base - 0.05 + rng.normal(0, 0.03))
+                    rec = _record(task, method, k, d, score)
+                    _write(root / "runs" / rec["run_id"] / "record.json", rec)
+                    scores.setdefault((task, method, k), []).append(score)
+    return scores
+
+
+def test_sweep_comparison_is_the_difference_of_cell_means(synthetic, agg, tmp_path):
+    other_scores = _other_sweep(tmp_path / "other")
+    other = A.aggregate(A.runs_frame(load_records(tmp_path / "other").records), expected_seeds=5)
+    cmp = A.sweep_comparison(agg, other)
+    assert set(cmp["k"]) == {100, 1000}  # "full" is in one sweep only
+    assert "unipelt_apl_nogate" not in set(cmp["method"]) and "headonly" not in set(cmp["method"])
+    for k in (100, 1000):
+        for method in ("bitfit", "lora", "adapter"):
+            rows = cmp[(cmp["k"] == k) & (cmp["method"] == method)]
+            tasks = {t for (t, m, kk) in other_scores if m == method and kk == k} & \
+                {t for (t, m, kk) in synthetic["scores"] if m == method and kk == k}
+            this = {t: _mean(synthetic["scores"][(t, method, k)]) for t in tasks}
+            that = {t: _mean(other_scores[(t, method, k)]) for t in tasks}
+            got = {(r.row, r.task): r.value for r in rows.itertuples()}
+            for t in tasks:
+                assert got[("this", t)] == pytest.approx(this[t], abs=1e-12)
+                assert got[("other", t)] == pytest.approx(that[t], abs=1e-12)
+                assert got[("diff", t)] == pytest.approx(this[t] - that[t], abs=1e-12)
+            # the average is over the tasks both sweeps have (lora: no cola; adapter at K=100: no cola)
+            assert {t for (row, t) in got if row == "diff"} == tasks | {"avg"}
+            assert got[("diff", "avg")] == pytest.approx(statistics.mean(this.values()) - statistics.mean(that.values()),
+                                                         abs=1e-12)
+
+
+def test_cli_compare_with_writes_the_table_and_checks_the_folder_first(synthetic, tmp_path, capsys):
+    _other_sweep(tmp_path / "second")
+    out = tmp_path / "r"
+    assert cli.main([str(synthetic["root"]), "--out", str(out), "--no-plots", "--formats", "md,csv",
+                     "--compare-with", str(tmp_path / "second" / "runs")]) == 0
+    md = (out / "compare.md").read_text()
+    # default labels: the folder's name, or its parent's for a folder called runs
+    assert f"{synthetic['root'].name} vs second" in md and "Δ bitfit" in md
+    frame = pd.read_csv(out / "compare.csv")
+    assert set(frame["row"]) == {"this", "other", "diff"}
+    # a bad --compare-with stops before anything is written
+    bad_out = tmp_path / "bad"
+    assert cli.main([str(synthetic["root"]), "--out", str(bad_out), "--compare-with", str(tmp_path / "nope")]) == 2
+    assert "--compare-with" in capsys.readouterr().err and not bad_out.exists()
+    for labels in ("only-one", "a,b,c", "a,"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args([str(synthetic["root"]), "--labels", labels])
+        assert "two names" in capsys.readouterr().err

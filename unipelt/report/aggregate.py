@@ -275,6 +275,26 @@ def ablation(agg: pd.DataFrame) -> pd.DataFrame:
     return _finish(rows)
 
 
+def sweep_comparison(agg: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """This sweep's means next to another sweep's, cell by cell, and their difference: the same grid run two ways
+    (another precision, trainer or dropout scheme) is judged by its means, since its runs are not the same runs.
+
+    Per (k, model, method) present in both: rows `this`, `other` (per task, and avg over the tasks both have) and
+    `diff` (this − other). Blocks, methods and tasks that only one sweep has are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for k, model in blocks(agg):
+        blk, oblk = block_frame(agg, k, model), block_frame(other, k, model)
+        for method in sort_methods(set(blk["method"]) & set(oblk["method"])):
+            tasks = sort_tasks(set(blk.loc[blk["method"] == method, "task"])
+                               & set(oblk.loc[oblk["method"] == method, "task"]))
+            if not tasks:
+                continue
+            a, b = _method_rows(blk, method, "this", tasks), _method_rows(oblk, method, "other", tasks)
+            rows += [{"k": k, "model": model, **r} for r in a + b + _diff_rows(a, b, "diff", method)]
+    return _finish(rows)
+
+
 # ---------------------------------------------------------------- efficiency
 RECORD_EFFICIENCY_METRICS = ("trainable", "percent", "train_epoch_s", "train_step_ms", "infer_ms", "peak_mem_mib")
 BENCH_EFFICIENCY_METRICS = ("trainable", "percent", "train_step_ms", "infer_ms", "peak_mem_mb")

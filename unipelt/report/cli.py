@@ -24,9 +24,12 @@ class ReportError(Exception):
 def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS,
                  gated: str = A.DEFAULT_GATED, formats: Sequence[str] = T.FORMATS, plots: bool = True,
                  singles: Sequence[str] = A.SINGLE_METHODS, efficiency_k: Any = None,
-                 html: bool = False) -> dict[str, Path]:
+                 html: bool = False, compare: RecordSet | None = None,
+                 labels: tuple[str, str] = ("this", "other")) -> dict[str, Path]:
     """Write all tables, data files and figures for already-loaded records; returns {file name: path}.
-    `html`: also report.html, every table and figure on one self-contained page (report/html.py)."""
+    `html`: also report.html, every table and figure on one self-contained page (report/html.py).
+    `compare`: another sweep's records; adds compare.* (these means against its means, cell by cell), the two
+    sweeps named by `labels`."""
     if not rs.records:
         raise ReportError(f"no complete run records under {rs.root} "
                           f"({len(rs.skipped)} file(s) skipped, {len(rs.failed)} failed run(s))")
@@ -44,6 +47,10 @@ def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.
         (T.failed_table(rs.failed), "failed_runs", eff_formats),
         (T.skipped_table(rs.skipped, rs.root), "skipped", ["csv"]),
     ]
+    if compare is not None:
+        other = A.aggregate(A.runs_frame(compare.records), expected_seeds)
+        tables.append((T.sweep_comparison_table(A.sweep_comparison(agg, other), *labels, expected_seeds=expected_seeds),
+                       "compare", formats))
     for table, stem, fmts in tables:
         written |= table.write(out, stem, fmts)
 
@@ -125,7 +132,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--html", action="store_true",
                    help="also write OUT/report.html: every table and figure on one self-contained page")
+    p.add_argument("--compare-with", metavar="OTHER_RUNS_DIR", type=Path, default=None,
+                   help="another sweep's runs folder: also write OUT/compare.* with this sweep's means against its "
+                        "means per (K, method, task) and the difference")
+    p.add_argument("--labels", type=_labels, default=None,
+                   help="names of the two sweeps in compare.*, THIS,OTHER (default: the folders' names, or their parents' "
+                        "where a folder is called runs)")
     return p
+
+
+def _sweep_name(runs_dir: Path) -> str:
+    """A sweep's name for a table: its folder's, or the parent's where the folder is just `runs`."""
+    path = runs_dir.resolve()
+    return path.parent.name if path.name == "runs" else path.name
+
+
+def _labels(value: str) -> tuple[str, str]:
+    parts = [s.strip() for s in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"--labels takes two names, THIS,OTHER; got {value!r}")
+    return parts[0], parts[1]
 
 
 def _summary(rs: RecordSet, agg_flagged: int | None, expected: int) -> list[str]:
@@ -154,9 +180,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(_summary(rs, None, args.expected_seeds)), file=sys.stderr)
         print(f"unipelt-report: error: no valid run records under {args.runs_dir}", file=sys.stderr)
         return 2
+    compare = None
+    if args.compare_with is not None:  # checked before anything is written
+        compare = load_records(args.compare_with) if args.compare_with.is_dir() else None
+        if compare is None or not compare.records:
+            why = "does not exist" if compare is None else "holds no complete run records"
+            print(f"unipelt-report: error: --compare-with {args.compare_with} {why}", file=sys.stderr)
+            return 2
+    labels = args.labels or (_sweep_name(args.runs_dir), _sweep_name(args.compare_with) if compare else "other")
     written = write_report(rs, args.out, expected_seeds=args.expected_seeds, gated=args.gated,
                            formats=args.formats, plots=not args.no_plots, singles=args.singles,
-                           efficiency_k=args.efficiency_k, html=args.html)
+                           efficiency_k=args.efficiency_k, html=args.html, compare=compare, labels=labels)
     agg = A.aggregate(A.runs_frame(rs.records), args.expected_seeds)
     print(T.main_table(agg, args.expected_seeds).to_markdown())
     print("\n".join(_summary(rs, int(agg["flagged"].sum()), args.expected_seeds)))

@@ -392,6 +392,29 @@ def ablation_table(abl: pd.DataFrame, expected_seeds: int = A.DEFAULT_EXPECTED_S
                  blocks, frame=abl.reset_index(drop=True), notes=_comparison_notes(blocks, expected_seeds, first))
 
 
+def sweep_comparison_table(cmp: pd.DataFrame, this: str = "this", other: str = "other",
+                           expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS) -> Table:
+    """Render `aggregate.sweep_comparison`: per method, this sweep's mean (std), the other's, and Δ."""
+    tasks = A.sort_tasks(cmp.loc[cmp["task"] != "avg", "task"])
+    multi_model = cmp["model"].nunique() > 1
+    blocks = []
+    for k, model in A.blocks(cmp):
+        blk = A.block_frame(cmp, k, model)
+        rows = []
+        for method in A.sort_methods(blk["method"].unique()):
+            for row, label, kind in (("this", f"{method} ({this})", "score"), ("other", f"{method} ({other})", "score"),
+                                     ("diff", f"Δ {method}", "diff")):
+                part = blk[(blk["row"] == row) & (blk["method"] == method)]
+                if not part.empty:
+                    rows.append((label, _comparison_cells(part, tasks, kind)))
+        blocks.append(Block(_block_title(k, model, multi_model), rows))
+    first = f"Test score ×100, mean (std) over seeds. Δ = {this} − {other}, per task and on the average."
+    if cmp.empty:
+        first = "No data: the two sweeps share no (K, model, method, task) cell."
+    return Table(f"Sweep comparison: {this} vs {other}", ["Method"] + [task_label(t) for t in tasks] + [AVG_LABEL],
+                 blocks, frame=cmp.reset_index(drop=True), notes=_comparison_notes(blocks, expected_seeds, first))
+
+
 _EFF_COLUMNS = {  # column -> (header, formatter)
     "trainable": ("Trainable", count),
     "percent": ("%", lambda v: f"{num(v)}%"),
