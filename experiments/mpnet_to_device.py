@@ -3,9 +3,11 @@
 
 Here (CPU, unipelt installed with the MPNet parts):
     python experiments/mpnet_to_device.py pack
-writes into the git-ignored .dev/mpnet_parts/: the weights as bf16 safetensors split into parts of at most
---part-bytes (default 40 MB, about 219 MB in 6 parts), config.json + tokenizer files, and manifest.json
-(sha256 and size of every part, of every small file and of the whole weights file).
+writes into the git-ignored .dev/mpnet_parts/: the weights as bf16 safetensors (about 219 MB) split into equal parts
+that each fit one call beside the current working tree (--part-bytes auto, the default; or a number of bytes),
+config.json + tokenizer files, and manifest.json (sha256 and size of every part, of every small file and of the
+whole weights file). The tree grows with committed results: split again when it has grown, as the parts are sized
+from it.
 
 Then carry the pieces over several device calls, one part per call, naming each file (not the folder: carrying a
 folder replaces it on the device, deleting the parts that arrived before):
@@ -22,7 +24,7 @@ needs the parts carried again.
 
 Any other model folder that no longer fits one call beside the working tree (MiniLM's 45 MB since the tree passed
 ~15 MB on disk) travels the same way, split as it is (no conversion):
-    python experiments/mpnet_to_device.py split --src .dev/minilm --parts .dev/minilm_parts --part-bytes 25000000
+    python experiments/mpnet_to_device.py split --src .dev/minilm --parts .dev/minilm_parts
     (device) python3 experiments/mpnet_to_device.py assemble --parts .dev/minilm_parts --out .dev/minilm
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +44,9 @@ WEIGHTS = "model.safetensors"
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 DEFAULT_PARTS = Path(".dev/mpnet_parts")
 DEFAULT_OUT = Path(".dev/mpnet")
-DEFAULT_PART_BYTES = 40_000_000  # + the working tree (~15 MB on disk) stays under the 64 MiB carry limit
+CARRY_LIMIT = 64 * 2**20  # what one device call carries: the working tree and the carried paths together
+CALL_RESERVE = 5_000_000  # room beside a part for what travels with it: the small files, or .whl + .dev/glue (4.4 MB)
+MIN_PART_BYTES = 4_000_000  # below this the tree has grown too large for parts to be worth it
 
 
 class SplitError(RuntimeError):
@@ -58,6 +63,28 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def _entry(path: Path) -> dict:
     return {"name": path.name, "size": path.stat().st_size, "sha256": sha256(path)}
+
+
+def tree_bytes(root: Path = Path(".")) -> int:
+    """Bytes of what every device call carries anyway: the files git tracks plus the untracked ones it does not
+    ignore (the device tool's working tree)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return sum((Path(root) / name).stat().st_size for name in out.decode().split("\0")
+               if name and (Path(root) / name).is_file())
+
+
+def part_bytes_for(size: int, tree: int, reserve: int = CALL_RESERVE, limit: int = CARRY_LIMIT) -> int:
+    """The part size that splits `size` bytes into as few equal parts as fit one call each beside a working tree of
+    `tree` bytes and `reserve` bytes of other carried files. The tree grows with committed results, so the parts
+    are sized from it each time rather than fixed."""
+    room = limit - tree - reserve
+    if room < MIN_PART_BYTES:
+        raise SplitError(f"the working tree ({tree / 1e6:.1f} MB) leaves {max(room, 0) / 1e6:.1f} MB of the "
+                         f"{limit / 2**20:.0f} MiB a call carries (after {reserve / 1e6:.1f} MB for the files that "
+                         f"travel with a part); at least {MIN_PART_BYTES / 1e6:.0f} MB is needed")
+    count = -(-size // room)
+    return -(-size // count)
 
 
 def split_file(src: Path, out_dir: Path, part_bytes: int, extra_files=()) -> dict:
@@ -152,8 +179,9 @@ def assemble(parts_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def pack(parts_dir: Path, part_bytes: int) -> dict:
-    """CPU side: all-mpnet-base-v2 -> bf16 safetensors -> parts + manifest (needs unipelt, torch, safetensors)."""
+def pack(parts_dir: Path, part_bytes) -> dict:
+    """CPU side: all-mpnet-base-v2 -> bf16 safetensors -> parts + manifest (needs unipelt, torch, safetensors).
+    `part_bytes(size)` gives the part size for the weights' size."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -166,7 +194,7 @@ def pack(parts_dir: Path, part_bytes: int) -> dict:
         weights = Path(tmp) / WEIGHTS
         save_file(state, str(weights), metadata={"format": "pt"})
         extra = [src / name for name in SMALL_FILES if (src / name).is_file()]
-        return split_file(weights, parts_dir, part_bytes, extra)
+        return split_file(weights, parts_dir, part_bytes(weights.stat().st_size), extra)
 
 
 def carry_plan(parts_dir: Path) -> list[list[str]]:
@@ -185,11 +213,19 @@ def main(argv=None) -> int:
                         help="split: a model folder already as it should arrive (e.g. .dev/minilm), split as it is")
     parser.add_argument("--parts", type=Path, default=DEFAULT_PARTS, help="folder of the parts (%(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="assembled model folder (%(default)s)")
-    parser.add_argument("--part-bytes", type=int, default=DEFAULT_PART_BYTES)
+    parser.add_argument("--part-bytes", default="auto",
+                        help="bytes per part, or auto (default): as few equal parts as each fit one call beside the "
+                             "current working tree (git's files) and 5 MB of other carried files")
     args = parser.parse_args(argv)
     try:
+        if args.part_bytes != "auto" and not args.part_bytes.isdigit():
+            raise SplitError(f"--part-bytes takes a number of bytes or auto, got {args.part_bytes!r}")
+
+        def part_bytes(size: int) -> int:
+            return int(args.part_bytes) if args.part_bytes != "auto" else part_bytes_for(size, tree_bytes())
+
         if args.command == "pack":
-            manifest = pack(args.parts, args.part_bytes)
+            manifest = pack(args.parts, part_bytes)
             print(f"{manifest['file']['name']}: {manifest['file']['size'] / 1e6:.1f} MB in {len(manifest['parts'])} "
                   f"parts + {len(manifest['extra'])} small files under {args.parts}")
             for i, files in enumerate(carry_plan(args.parts), 1):
@@ -198,14 +234,21 @@ def main(argv=None) -> int:
             if args.src is None or not (args.src / WEIGHTS).is_file():
                 raise SplitError(f"split needs --src, a folder with {WEIGHTS} (got {args.src})")
             extra = [args.src / name for name in SMALL_FILES if (args.src / name).is_file()]
-            manifest = split_file(args.src / WEIGHTS, args.parts, args.part_bytes, extra)
+            manifest = split_file(args.src / WEIGHTS, args.parts, part_bytes((args.src / WEIGHTS).stat().st_size),
+                                  extra)
             print(f"{args.src / WEIGHTS}: {manifest['file']['size'] / 1e6:.1f} MB in {len(manifest['parts'])} parts "
                   f"+ {len(extra)} small files under {args.parts}")
             for i, files in enumerate(carry_plan(args.parts), 1):
                 print(f"call {i}: carry {json.dumps(files)}")
         elif args.command == "carry-plan":
-            for files in carry_plan(args.parts):
+            tree = tree_bytes()
+            for i, files in enumerate(carry_plan(args.parts), 1):
                 print(json.dumps(files))
+                total = tree + CALL_RESERVE + sum(Path(f).stat().st_size for f in files)
+                if total > CARRY_LIMIT:
+                    print(f"warning: call {i} would carry {total / 1e6:.1f} MB with the working tree "
+                          f"({tree / 1e6:.1f} MB) and {CALL_RESERVE / 1e6:.0f} MB of other files, over the "
+                          f"{CARRY_LIMIT / 2**20:.0f} MiB limit: split again (--part-bytes auto)", file=sys.stderr)
         elif args.command == "status":
             manifest = read_manifest(args.parts)
             missing, corrupt = check_parts(args.parts, manifest)

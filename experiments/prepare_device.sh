@@ -4,12 +4,16 @@
 #   .whl/        wheels for datasets, hydra-core, omegaconf (+ their missing deps)
 #   .dev/minilm  the embedded MiniLM as bf16 safetensors (45 MB; fp32 would not fit the 64 MB carry limit)
 #   .dev/glue    the locally complete GLUE tasks (cola sst2 mrpc stsb rte)
-#   .dev/minilm_parts  .dev/minilm in two parts + manifest: since the working tree passed ~15 MB on disk, the tree and
-#                the 45 MB MiniLM no longer fit one call's 64 MiB. Two calls, back to back on a warm machine:
-#     carry [".whl", ".dev/minilm_parts/manifest.json", <small files>, ".dev/minilm_parts/model.safetensors.part-001"]
-#     carry [".dev/glue", ".dev/minilm_parts/manifest.json", ".dev/minilm_parts/model.safetensors.part-002"] and run
-#       python3 experiments/mpnet_to_device.py assemble --parts .dev/minilm_parts --out .dev/minilm
-#   (`python experiments/mpnet_to_device.py carry-plan --parts .dev/minilm_parts` prints the part lists.)
+#   .dev/minilm_parts  .dev/minilm in equal parts + manifest: the working tree (38 MB on disk in Nov 2026) and the 45 MB
+#                MiniLM do not fit one call's 64 MiB. The parts are sized from the tree when this script runs (two
+#                while the tree is under ~39 MB; more as it grows: run this script again, or `mpnet_to_device.py
+#                split --src .dev/minilm --parts .dev/minilm_parts`). One call per part, back to back on a warm
+#                machine; .whl and .dev/glue travel with a part other than the first (the machine keeps them):
+#     carry [".dev/minilm_parts/manifest.json", <small files>, ".dev/minilm_parts/model.safetensors.part-001"]
+#     carry [".whl", ".dev/glue", ".dev/minilm_parts/manifest.json", ".dev/minilm_parts/model.safetensors.part-002"]
+#       and run  python3 experiments/mpnet_to_device.py assemble --parts .dev/minilm_parts --out .dev/minilm
+#   (`python experiments/mpnet_to_device.py carry-plan --parts .dev/minilm_parts` prints the part lists and warns
+#   when a call no longer fits beside the tree.)
 # Then the command of each call starts with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash experiments/gpu_sweep.sh
 set -euo pipefail
@@ -35,5 +39,5 @@ PY
 data=${UNIPELT_GLUE_DIR:-../shared/data/glue}
 for t in cola sst2 mrpc stsb rte; do mkdir -p .dev/glue/$t; cp "$data/$t/"*.jsonl.gz .dev/glue/$t/; done
 rm -rf .dev/minilm_parts
-$PY experiments/mpnet_to_device.py split --src .dev/minilm --parts .dev/minilm_parts --part-bytes 25000000
+$PY experiments/mpnet_to_device.py split --src .dev/minilm --parts .dev/minilm_parts
 du -sh .whl .dev

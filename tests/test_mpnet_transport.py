@@ -134,3 +134,38 @@ def test_split_sends_an_existing_model_folder_as_it_is(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert mtd.main(["split", "--src", str(tmp_path / "empty"), "--parts", str(tmp_path / "p2")]) == 2
     assert "split needs --src, a folder with model.safetensors" in capsys.readouterr().err
+
+
+def test_parts_are_sized_from_the_working_tree():
+    """Equal parts, as few as fit one call each beside the tree and the reserve; a tree that leaves too little room
+    is an error naming its size."""
+    limit, reserve = mtd.CARRY_LIMIT, mtd.CALL_RESERVE
+    for size, tree in [(45_440_000, 38_518_037), (45_440_000, 20_000_000), (219_000_000, 30_000_000), (1000, 0)]:
+        part = mtd.part_bytes_for(size, tree)
+        count = -(-size // part)
+        assert tree + reserve + part <= limit  # each call fits
+        assert size - (count - 1) * part <= part and (count - 1) * part < size  # the last part is not empty
+        room = limit - tree - reserve
+        assert count == 1 or (count - 1) * room < size  # one part fewer would not hold the file
+    assert mtd.part_bytes_for(45_440_000, 38_518_037) == 22_720_000  # today's tree: two parts of MiniLM
+    assert -(-45_440_000 // mtd.part_bytes_for(45_440_000, 50_000_000)) == 4
+    with pytest.raises(mtd.SplitError, match=r"working tree \(62\.0 MB\)"):
+        mtd.part_bytes_for(45_440_000, 62_000_000)
+
+
+def test_tree_bytes_counts_what_the_device_carries(tmp_path):
+    """Tracked files and untracked ones git does not ignore; not the ignored ones."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / ".gitignore").write_text(".dev/\n")
+    (tmp_path / "tracked.py").write_bytes(b"x" * 1000)
+    (tmp_path / ".dev").mkdir()
+    (tmp_path / ".dev" / "weights").write_bytes(b"x" * 5000)
+    run("add", "tracked.py", ".gitignore")
+    (tmp_path / "new.txt").write_bytes(b"x" * 300)
+    assert mtd.tree_bytes(tmp_path) == 1000 + 300 + len(".dev/\n")
+
+
+def test_part_bytes_option_is_checked(tmp_path, capsys):
+    assert mtd.main(["split", "--src", str(tmp_path), "--parts", str(tmp_path / "p"), "--part-bytes", "25MB"]) == 2
+    assert "--part-bytes takes a number of bytes or auto, got '25MB'" in capsys.readouterr().err
