@@ -338,81 +338,70 @@ def _comparison_notes(blocks: list[Block], expected_seeds: int, first: str) -> l
     return notes
 
 
+def _paired_table(frame: pd.DataFrame, title: str, first: str, expected_seeds: int, block_rows) -> Table:
+    """A comparison table of `frame` (aggregate's row/method/task/value frames): one block per (K, model), whose rows
+    `block_rows(blk)` gives as (label, the frame's rows of that table row, cell kind)."""
+    tasks = A.sort_tasks(frame.loc[frame["task"] != "avg", "task"])
+    multi_model = frame["model"].nunique() > 1
+    blocks = []
+    for k, model in A.blocks(frame):
+        rows = [(label, _comparison_cells(part, tasks, kind))
+                for label, part, kind in block_rows(A.block_frame(frame, k, model)) if not part.empty]
+        blocks.append(Block(_block_title(k, model, multi_model), rows))
+    return Table(title, ["Method"] + [task_label(t) for t in tasks] + [AVG_LABEL], blocks,
+                 frame=frame.reset_index(drop=True), notes=_comparison_notes(blocks, expected_seeds, first))
+
+
 def headline_table(head: pd.DataFrame, gated: str = A.DEFAULT_GATED,
                    expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS) -> Table:
     """Render `aggregate.headline`: gated method, best single method, per-task upper bound, and differences."""
-    tasks = A.sort_tasks(head.loc[head["task"] != "avg", "task"])
-    multi_model = head["model"].nunique() > 1
     labels = {"gated": None, "best_single": None, "diff_best_single": "Δ vs best single",
               "upper_bound": "upper bound (best single per task)", "diff_upper_bound": "Δ vs upper bound"}
     kinds = {"diff_best_single": "diff", "diff_upper_bound": "diff", "upper_bound": "upper"}
-    blocks = []
-    for k, model in A.blocks(head):
-        blk = A.block_frame(head, k, model)
-        rows = []
+
+    def block_rows(blk):
         for row, label in labels.items():
             part = blk[blk["row"] == row]
-            if part.empty:
-                continue
-            if label is None:
+            if label is None and not part.empty:
                 label = f"{part['method'].iloc[0]} ({'gated' if row == 'gated' else 'best single'})"
-            rows.append((label, _comparison_cells(part, tasks, kinds.get(row, "score"))))
-        blocks.append(Block(_block_title(k, model, multi_model), rows))
+            yield label, part, kinds.get(row, "score")
+
     first = (f"Test score ×100, mean (std) over seeds. Δ = {gated} − baseline. Upper bound: best single method per "
              "task [winner].")
     if head.empty:
         first = f"No data: {gated} or the single methods are missing from the records."
-    return Table(f"Headline: {gated} vs single methods", ["Method"] + [task_label(t) for t in tasks] + [AVG_LABEL],
-                 blocks, frame=head.reset_index(drop=True),
-                 notes=_comparison_notes(blocks, expected_seeds, first))
+    return _paired_table(head, f"Headline: {gated} vs single methods", first, expected_seeds, block_rows)
 
 
 def ablation_table(abl: pd.DataFrame, expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS) -> Table:
     """Render `aggregate.ablation`: each UniPELT subset with learned gates, with fixed gates, and the gain."""
-    tasks = A.sort_tasks(abl.loc[abl["task"] != "avg", "task"])
-    multi_model = abl["model"].nunique() > 1
-    blocks = []
-    for k, model in A.blocks(abl):
-        blk = A.block_frame(abl, k, model)
-        rows = []
+    def block_rows(blk):
         for method in A.sort_methods(blk.loc[blk["row"] == "gated", "method"].tolist()
                                      + [m[: -len(A.NOGATE_SUFFIX)] for m in blk.loc[blk["row"] == "fixed", "method"]]):
             for row, kind in (("gated", "score"), ("fixed", "score"), ("delta_gate", "diff")):
                 name = method + A.NOGATE_SUFFIX if row == "fixed" else method
-                part = blk[(blk["row"] == row) & (blk["method"] == name)]
-                if part.empty:
-                    continue
                 label = f"Δ gate ({method})" if row == "delta_gate" else name
-                rows.append((label, _comparison_cells(part, tasks, kind)))
-        blocks.append(Block(_block_title(k, model, multi_model), rows))
+                yield label, blk[(blk["row"] == row) & (blk["method"] == name)], kind
+
     first = "Test score ×100, mean (std) over seeds; _nogate = fixed gates. Δ gate = gated − fixed."
     if abl.empty:
         first = "No data: no unipelt_* methods in the records."
-    return Table("Ablation: learned vs fixed gates", ["Method"] + [task_label(t) for t in tasks] + [AVG_LABEL],
-                 blocks, frame=abl.reset_index(drop=True), notes=_comparison_notes(blocks, expected_seeds, first))
+    return _paired_table(abl, "Ablation: learned vs fixed gates", first, expected_seeds, block_rows)
 
 
 def sweep_comparison_table(cmp: pd.DataFrame, this: str = "this", other: str = "other",
                            expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS) -> Table:
     """Render `aggregate.sweep_comparison`: per method, this sweep's mean (std), the other's, and Δ."""
-    tasks = A.sort_tasks(cmp.loc[cmp["task"] != "avg", "task"])
-    multi_model = cmp["model"].nunique() > 1
-    blocks = []
-    for k, model in A.blocks(cmp):
-        blk = A.block_frame(cmp, k, model)
-        rows = []
+    def block_rows(blk):
         for method in A.sort_methods(blk["method"].unique()):
-            for row, label, kind in (("this", f"{method} ({this})", "score"), ("other", f"{method} ({other})", "score"),
-                                     ("diff", f"Δ {method}", "diff")):
-                part = blk[(blk["row"] == row) & (blk["method"] == method)]
-                if not part.empty:
-                    rows.append((label, _comparison_cells(part, tasks, kind)))
-        blocks.append(Block(_block_title(k, model, multi_model), rows))
+            for row, label, kind in (("this", f"{method} ({this})", "score"),
+                                     ("other", f"{method} ({other})", "score"), ("diff", f"Δ {method}", "diff")):
+                yield label, blk[(blk["row"] == row) & (blk["method"] == method)], kind
+
     first = f"Test score ×100, mean (std) over seeds. Δ = {this} − {other}, per task and on the average."
     if cmp.empty:
         first = "No data: the two sweeps share no (K, model, method, task) cell."
-    return Table(f"Sweep comparison: {this} vs {other}", ["Method"] + [task_label(t) for t in tasks] + [AVG_LABEL],
-                 blocks, frame=cmp.reset_index(drop=True), notes=_comparison_notes(blocks, expected_seeds, first))
+    return _paired_table(cmp, f"Sweep comparison: {this} vs {other}", first, expected_seeds, block_rows)
 
 
 _EFF_COLUMNS = {  # column -> (header, formatter)
