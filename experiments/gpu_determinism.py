@@ -1,6 +1,6 @@
 """Is a training bit-reproducible on this GPU, with and without train.deterministic? (device tool; CUDA only)
 
-1. The kernel: SDPA's backward (flash, memory-efficient and cuDNN backends, bf16, the shape of an RTE batch of MiniLM) run
+1. The kernel: SDPA's backward (flash, memory-efficient and cuDNN backends, bf16, an RTE batch of MiniLM's shape) run
    `--repeats` times on the same inputs, with torch's deterministic mode off, on with warn_only (what
    train.deterministic sets) and strict: the largest difference of the query gradient from the first repeat.
 2. The runs: `--copies` copies of one fine-tuning run trained at the same time under NVIDIA MPS (kernels of several

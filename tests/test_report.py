@@ -466,8 +466,8 @@ def test_sweep_comparison_is_the_difference_of_cell_means(synthetic, agg, tmp_pa
                 assert got[("diff", t)] == pytest.approx(this[t] - that[t], abs=1e-12)
             # the average is over the tasks both sweeps have (lora: no cola; adapter at K=100: no cola)
             assert {t for (row, t) in got if row == "diff"} == tasks | {"avg"}
-            assert got[("diff", "avg")] == pytest.approx(statistics.mean(this.values()) - statistics.mean(that.values()),
-                                                         abs=1e-12)
+            expected_avg = statistics.mean(this.values()) - statistics.mean(that.values())
+            assert got[("diff", "avg")] == pytest.approx(expected_avg, abs=1e-12)
 
 
 def test_cli_compare_with_writes_the_table_and_checks_the_folder_first(synthetic, tmp_path, capsys):

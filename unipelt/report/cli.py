@@ -136,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
                    help="another sweep's runs folder: also write OUT/compare.* with this sweep's means against its "
                         "means per (K, method, task) and the difference")
     p.add_argument("--labels", type=_labels, default=None,
-                   help="names of the two sweeps in compare.*, THIS,OTHER (default: the folders' names, or their parents' "
-                        "where a folder is called runs)")
+                   help="names of the two sweeps in compare.*, THIS,OTHER (default: the folders' names, or their "
+                        "parents' where a folder is called runs)")
     return p
 
 
