@@ -11,6 +11,8 @@ read the totals as a map of where the bytes go, not as the GPU's exact figure.
     python experiments/group_step_traffic.py --model .dev/minilm --data .dev/glue --task rte --runs 12
 
 Prints the total operators and GB, then the top operators and the top (operator, output shape, dtype) rows.
+`--attention-dropout fused`: on this CPU, SDPA with dropout runs torch's math fallback (fp32 probabilities, a
+Bernoulli mask), so the map shows attention bytes that the GPU's one fused kernel never writes; read the rest.
 `--by-source` first prints the bytes by the unipelt file that caused them, forward and backward.
 """
 from __future__ import annotations
@@ -92,18 +94,22 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--activations", default="fp32", choices=["fp32", "bf16"], help="group.activations")
+    p.add_argument("--attention-dropout", default="per_run", choices=["per_run", "fused"],
+                   help="group.attention_dropout")
     p.add_argument("--by-source", action="store_true", help="also the bytes by unipelt file, forward and backward "
                    "(the backward's by the file that built each autograd node: runs under anomaly mode, slower)")
     args = p.parse_args(argv)
     args.precision, args.random_weights = "bf16", True
-    trainer = build(args, args.runs, torch.device("cpu"), activations=args.activations)
+    trainer = build(args, args.runs, torch.device("cpu"), activations=args.activations,
+                    attention_dropout=args.attention_dropout)
     trainer.model.train()
     one_step(trainer)  # warm-up: optimizer state, cached stacks
     traffic = Traffic(sources=args.by_source)
     with torch.autograd.set_detect_anomaly(args.by_source, check_nan=False), traffic:
         one_step(trainer)
     total = sum(r[3] for r in traffic.rows)
-    print(f"{args.runs} runs x 16 rows, {args.task} K={args.k}, bf16 autocast, {args.activations} activations (CPU): "
+    print(f"{args.runs} runs x 16 rows, {args.task} K={args.k}, bf16 autocast, {args.activations} activations, "
+          f"{args.attention_dropout} attention dropout (CPU): "
           f"{len(traffic.rows)} operators, {total / 1e9:.1f} GB read + written\n")
     by_op, by_shape = collections.Counter(), collections.Counter()
     calls_op, calls_shape = collections.Counter(), collections.Counter()
