@@ -446,6 +446,18 @@ def _other_sweep(root: Path) -> dict[tuple, list[float]]:
     return scores
 
 
+def test_paired_runs_counts_the_same_runs_and_equal_scores(synthetic, tmp_path):
+    """Runs match by task, method, model, K, data seed and seed; the count of equal test scores is exact."""
+    this = load_records(synthetic["root"]).records
+    copy = [dict(r) for r in this if r["method"] == "bitfit"]
+    for r in copy[:3]:
+        r["test_score"] = r["test_score"] + 0.01
+    copy.append(_record("rte", "bitfit", 100, 999, 0.5))  # a run the first sweep does not have
+    bitfit = sum(1 for r in this if r["method"] == "bitfit")
+    assert A.paired_runs(this, copy) == (bitfit, bitfit - 3)
+    assert A.paired_runs(this, []) == (0, 0)
+
+
 def test_sweep_comparison_is_the_difference_of_cell_means(synthetic, agg, tmp_path):
     other_scores = _other_sweep(tmp_path / "other")
     other = A.aggregate(A.runs_frame(load_records(tmp_path / "other").records), expected_seeds=5)
@@ -478,6 +490,9 @@ def test_cli_compare_with_writes_the_table_and_checks_the_folder_first(synthetic
     md = (out / "compare.md").read_text()
     # default labels: the folder's name, or its parent's for a folder called runs
     assert f"{synthetic['root'].name} vs second" in md and "Δ bitfit" in md
+    keys = [{(r["task"], r["method"], r["k"], r["data_seed"]) for r in load_records(root).records}
+            for root in (synthetic["root"], tmp_path / "second")]
+    assert f"{len(keys[0] & keys[1])} runs are in both sweeps" in md and "0 of them have the same test score" in md
     frame = pd.read_csv(out / "compare.csv")
     assert set(frame["row"]) == {"this", "other", "diff"}
     # a bad --compare-with stops before anything is written

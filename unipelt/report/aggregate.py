@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .records import DEFAULT_MODEL, PATH_KEY
+from .records import DEFAULT_MODEL, PATH_KEY, record_key
 
 GROUP_KEYS = ["task", "method", "model", "k"]
 AGG_COLUMNS = GROUP_KEYS + ["mean", "std", "n", "flagged"]
@@ -293,6 +293,14 @@ def sweep_comparison(agg: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
             a, b = _method_rows(blk, method, "this", tasks), _method_rows(oblk, method, "other", tasks)
             rows += [{"k": k, "model": model, **r} for r in a + b + _diff_rows(a, b, "diff", method)]
     return _finish(rows)
+
+
+def paired_runs(records: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """(runs in both sweeps, of those the runs with the same test score): how far the two are the same runs, beside
+    how far their means agree. A run is the same run by its record key (task, method, model, K, data seed, seed)."""
+    theirs = {record_key(r): r.get("test_score") for r in other}
+    both = [(r.get("test_score"), theirs[record_key(r)]) for r in records if record_key(r) in theirs]
+    return len(both), sum(1 for a, b in both if a == b)
 
 
 # ---------------------------------------------------------------- efficiency

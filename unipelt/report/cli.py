@@ -49,8 +49,9 @@ def write_report(rs: RecordSet, out_dir: str | Path, *, expected_seeds: int = A.
     ]
     if compare is not None:
         other = A.aggregate(A.runs_frame(compare.records), expected_seeds)
-        tables.append((T.sweep_comparison_table(A.sweep_comparison(agg, other), *labels, expected_seeds=expected_seeds),
-                       "compare", formats))
+        table = T.sweep_comparison_table(A.sweep_comparison(agg, other), *labels, expected_seeds=expected_seeds,
+                                         paired=A.paired_runs(rs.records, compare.records))
+        tables.append((table, "compare", formats))
     for table, stem, fmts in tables:
         written |= table.write(out, stem, fmts)
 

@@ -390,8 +390,10 @@ def ablation_table(abl: pd.DataFrame, expected_seeds: int = A.DEFAULT_EXPECTED_S
 
 
 def sweep_comparison_table(cmp: pd.DataFrame, this: str = "this", other: str = "other",
-                           expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS) -> Table:
-    """Render `aggregate.sweep_comparison`: per method, this sweep's mean (std), the other's, and Δ."""
+                           expected_seeds: int = A.DEFAULT_EXPECTED_SEEDS,
+                           paired: tuple[int, int] | None = None) -> Table:
+    """Render `aggregate.sweep_comparison`: per method, this sweep's mean (std), the other's, and Δ. `paired`:
+    `aggregate.paired_runs`, stated in a note."""
     def block_rows(blk):
         for method in A.sort_methods(blk["method"].unique()):
             for row, label, kind in (("this", f"{method} ({this})", "score"),
@@ -399,6 +401,9 @@ def sweep_comparison_table(cmp: pd.DataFrame, this: str = "this", other: str = "
                 yield label, blk[(blk["row"] == row) & (blk["method"] == method)], kind
 
     first = f"Test score ×100, mean (std) over seeds. Δ = {this} − {other}, per task and on the average."
+    if paired is not None:
+        first += (f" {paired[0]} runs are in both sweeps (same task, method, model, K, data seed and seed); "
+                  f"{paired[1]} of them have the same test score.")
     if cmp.empty:
         first = "No data: the two sweeps share no (K, model, method, task) cell."
     return _paired_table(cmp, f"Sweep comparison: {this} vs {other}", first, expected_seeds, block_rows)
