@@ -57,14 +57,20 @@ def one_step(trainer: GroupTrainer, mode: Traffic) -> None:
         trainer._eager_step(runs, batch, labels, None, [4] * len(runs), has_prefix, 4, [False] * len(runs))
 
 
+def traffic_of_one_step(trainer) -> Traffic:
+    """The operators and bytes of one eager step of a fresh trainer, after a warm-up step (optimizer state, stacks)."""
+    trainer._start()
+    one_step(trainer, Traffic())
+    traffic = Traffic()
+    one_step(trainer, traffic)
+    return traffic
+
+
 def test_bf16_activations_keep_every_hidden_state_and_probability_in_bf16_and_the_runs_parameters_fp32(tmp_path):
     found = {}
     for activations in ("fp32", "bf16"):
         trainer = trainer_for(tmp_path, activations)
-        trainer._start()
-        one_step(trainer, Traffic())  # warm-up: optimizer state, stacks
-        mode = Traffic()
-        one_step(trainer, mode)
+        mode = traffic_of_one_step(trainer)
         rows = 4 * len(trainer.runs)
         # what the stream computes, forward and backward: hidden states (rows, T, 32), FFN activations (rows, T, 64),
         # attention probabilities (rows, heads, T, P + T) (dropout keep masks and noise are not activations)
@@ -135,16 +141,22 @@ def test_group_activations_is_validated_splits_groups_and_is_stated_in_records()
                                (["group.activations=bf16"], "group.activations=bf16 needs train.mixed_precision=bf16")):
         with pytest.raises(ConfigError, match=message):
             plan(config("method=lora", *overrides))
-    base = ["task=rte", "data.k=100", "method=lora", "train.mixed_precision=bf16"]
-    plans = [plan(config(*o)) for o in (base, [*base, "data.seed=222"], [*base, "group.activations=bf16"])]
+    # a record from before the setting trained with the fp32 stream: same result config as fp32, not as bf16
+    assert_group_setting_splits_and_is_stated("activations", "bf16", "fp32", ["train.mixed_precision=bf16"])
+
+
+def assert_group_setting_splits_and_is_stated(name: str, value: str, legacy: str, extra=()) -> None:
+    """group.<name>=<value> puts a run in another group than the default's, its record states it, and a record from
+    before the setting existed counts as <legacy>, the default."""
+    base = ["task=rte", "data.k=100", "method=lora", *extra]
+    plans = [plan(config(*o)) for o in (base, [*base, "data.seed=222"], [*base, f"group.{name}={value}"])]
     assert [len(g) for g in partition(plans, max_runs=16)] == [2, 1]
     stated = plans[2].config
-    assert stated["group"]["activations"] == "bf16"
-    # a record from before the setting trained with the fp32 stream: same result config as fp32, not as bf16
+    assert stated["group"][name] == value
     old = {k: v for k, v in plans[0].config.items()}
-    old["group"] = {k: v for k, v in old["group"].items() if k != "activations"}
+    old["group"] = {k: v for k, v in old["group"].items() if k != name}
     assert config_diff(old, plans[0].config) == []
-    assert config_diff(old, stated) == ["group.activations: (absent, i.e. 'fp32') -> 'bf16'"]
+    assert config_diff(old, stated) == [f"group.{name}: (absent, i.e. {legacy!r}) -> {value!r}"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")

@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_group_activations import one_step
+from test_group_activations import assert_group_setting_splits_and_is_stated, one_step, traffic_of_one_step
 from test_grouping import MIXED, build_group, config, dropout_encoder
 
 import unipelt.grouping.attention as attention
 from unipelt.grouping.attention import fused_dropout_attention
-from unipelt.grouping.runner import partition
 from unipelt.grouping.trainer import GroupTrainer
 from unipelt.plan import ConfigError, plan
-from unipelt.training.record import config_diff
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from group_step_traffic import Traffic  # noqa: E402  (bytes counted as the benchmark counts them)
@@ -33,10 +31,7 @@ def test_fused_attention_dropout_draws_no_probability_noise_and_moves_fewer_byte
     found = {}
     for mode in ("per_run", "fused"):
         trainer = trainer_for(tmp_path, mode)
-        trainer._start()
-        one_step(trainer, Traffic())  # warm-up: optimizer state, stacks
-        traffic = Traffic()
-        one_step(trainer, traffic)
+        traffic = traffic_of_one_step(trainer)
         layout = trainer.engine.noise_layout
         probs_sites = [name for name in layout.sites if isinstance(name, tuple) and name[0] == "probs"]
         uniform = sum(nbytes for op, *_, nbytes in traffic.rows if op == "uniform_")
@@ -109,16 +104,8 @@ def test_group_attention_dropout_is_validated_splits_groups_and_is_stated_in_rec
         plan(config("method=lora", "group.attention_dropout=flash"))
     with pytest.raises(ValueError, match="attention_dropout must be one of per_run, fused, got 'sdpa'"):
         trainer_for(tmp_path, "sdpa")
-    base = ["task=rte", "data.k=100", "method=lora"]
-    plans = [plan(config(*o)) for o in (base, [*base, "data.seed=222"], [*base, "group.attention_dropout=fused"])]
-    assert [len(g) for g in partition(plans, max_runs=16)] == [2, 1]
-    stated = plans[2].config
-    assert stated["group"]["attention_dropout"] == "fused"
     # a record from before the setting trained with each run's own masks: same result config as per_run
-    old = {k: v for k, v in plans[0].config.items()}
-    old["group"] = {k: v for k, v in old["group"].items() if k != "attention_dropout"}
-    assert config_diff(old, plans[0].config) == []
-    assert config_diff(old, stated) == ["group.attention_dropout: (absent, i.e. 'per_run') -> 'fused'"]
+    assert_group_setting_splits_and_is_stated("attention_dropout", "fused", "per_run")
 
 
 def test_a_sweep_with_fused_attention_dropout_records_it(tmp_path):
